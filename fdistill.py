@@ -1,0 +1,227 @@
+"""f-distill: one-step diffusion distillation by f-divergence distribution matching.
+
+Xu, Nie, Vahdat, "One-step Diffusion Models with f-Divergence Distribution Matching", 2025.
+The whole method, independent of the data domain. Networks come in as callables in EDM's convention:
+  teacher(x, sigma)    -> (D_x, features)  frozen teacher denoiser with a feature tap,
+  fake_score(x, sigma) -> D_x              online denoiser of the generator's distribution,
+  head(features)       -> logits [B]       discriminator head on the teacher's features.
+The score of a denoiser is s(x; sigma) = (D(x; sigma) - x) / sigma^2 (EDM Eq. 3), so the score
+difference of Theorem 1 is s_teacher - s_fake = (D_teacher - D_fake) / sigma^2.
+"""
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+#----------------------------------------------------------------------------
+# The f-divergences of Table 1, with r = p/q (teacher density over student density).
+# h(r) = f''(r) r^2 is the weight on the score difference (Theorem 1).
+
+class Divergence(NamedTuple):
+    name:           str         # Long name as in Table 1.
+    f:              Callable    # f(r): convex on (0, inf), f(1) = 0. None where only h is defined.
+    h:              Callable    # h(r) = f''(r) * r^2 >= 0.
+    mode_seeking:   str         # Table 1 column: 'yes', 'medium' or 'no'.
+
+DIVERGENCES = {
+    'rkl':       Divergence('reverse-KL',        lambda r: -torch.log(r),                                          lambda r: torch.ones_like(r),  'yes'),
+    'srkl':      Divergence('softened RKL',      lambda r: (r + 1) * torch.log(0.5 + 0.5 / r),                     lambda r: 1 / (r + 1),         'yes'),
+    'js':        Divergence('Jensen-Shannon',    lambda r: r * torch.log(r) - (r + 1) * torch.log((r + 1) / 2),    lambda r: r / (r + 1),         'medium'),
+    'hellinger': Divergence('squared Hellinger', lambda r: 1 - torch.sqrt(r),                                      lambda r: 0.25 * torch.sqrt(r), 'medium'),
+    'fkl':       Divergence('forward-KL',        lambda r: r * torch.log(r),                                       lambda r: r,                   'no'),
+    'jeffreys':  Divergence('Jeffreys',          lambda r: (r - 1) * torch.log(r),                                 lambda r: r + 1,               'no'),
+}
+
+# Di-Bregman (Zhu et al. 2025, Table 1, Theorem 3.1) weights the same score difference by h_B''(r_B) r_B
+# with their ratio r_B = q/p = 1/r. In our convention SBA(lambda) gives h(r) = r^(-lambda), and
+# LR == 'js', KL == 'rkl' (SBA lambda=0), BE == 'fkl' (SBA lambda=-1), LS == SBA lambda=1 (h = 1/r).
+def sba(lam):
+    return Divergence(f'SBA({lam:g})', None, lambda r: r.pow(-lam), 'yes' if lam >= 0 else 'no')
+
+def divergence(name):
+    if name.startswith('sba:'):
+        try:
+            return sba(float(name[4:]))
+        except ValueError:
+            raise ValueError(f'--f {name}: SBA needs a number, e.g. sba:5') from None
+    if name not in DIVERGENCES:
+        raise ValueError(f'Unknown divergence "{name}": choose one of {", ".join(DIVERGENCES)} or sba:<lambda>')
+    return DIVERGENCES[name]
+
+#----------------------------------------------------------------------------
+# Noise levels. DMD2 discretises EDM's Karras schedule into 1000 levels and draws the
+# distribution-matching sigma uniformly from the levels between 2% and 98%.
+
+def karras_sigmas(num_levels=1000, sigma_min=0.002, sigma_max=80, rho=7):
+    i = torch.arange(num_levels, dtype=torch.float64) / (num_levels - 1)
+    return (sigma_min ** (1 / rho) + i * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho  # ascending
+
+def sample_sigma(levels, batch_size, lo=0.02, hi=0.98, generator=None):
+    n = len(levels)
+    idx = torch.randint(int(lo * n), int(hi * n), (batch_size,), generator=generator)
+    return levels[idx].float()
+
+# Stage-1 bins hold equal shares of the sampled sigmas: edges at equal steps of the level index.
+# (Equal widths in sigma would put almost every sample in the lowest bin, Karras levels crowd near 0.)
+def sigma_bin_edges(levels, num_bins, lo=0.02, hi=0.98):
+    n = len(levels)
+    cuts = torch.linspace(lo * n, hi * n, num_bins + 1)[1:-1].long()
+    return levels[cuts].float()
+
+#----------------------------------------------------------------------------
+# Density ratio and the two-stage normalisation (Sec. 4, Alg. 1 lines 6-9).
+
+def all_reduce(x, op=dist.ReduceOp.SUM):
+    if dist.is_initialized():
+        dist.all_reduce(x, op=op)
+    return x
+
+# Alg. 1 line 6: r = clip(exp(logit), r_min, r_max). The optimal discriminator has
+# sigmoid(logit) = p/(p+q), so exp(logit) = p/q (Sec. 3). Clipping in log space avoids overflow.
+def ratio(logits, r_min, r_max):
+    return logits.float().clamp(math.log(r_min), math.log(r_max)).exp()
+
+# Alg. 1 line 7, stage 1: E_q[r_t] = 1 at every t, so divide r by its mean within its sigma bin.
+# (Alg. 1 writes r_i / sum_i r_i; Sec. 4 says average, which keeps E[r] = 1 as h expects.)
+# Sums and counts are all-reduced, so the means are over the global batch.
+def normalize_ratio(r, sigma, edges):
+    idx = torch.bucketize(sigma.flatten().float(), edges.to(r.device))
+    stats = torch.zeros(2, len(edges) + 1, device=r.device, dtype=torch.float64)
+    stats[0].index_add_(0, idx, r.double())
+    stats[1].index_add_(0, idx, torch.ones_like(r, dtype=torch.float64))
+    all_reduce(stats)
+    mean = stats[0] / stats[1].clamp(min=1)
+    return r / mean[idx].float()
+
+# Alg. 1 line 9, stage 2: divide h by its global batch mean, so the f-distill term keeps the same scale
+# relative to the GAN term whatever f is.
+def normalize_weight(h):
+    stats = all_reduce(torch.stack([h.double().sum(), torch.tensor(float(h.numel()), dtype=torch.float64, device=h.device)]))
+    return h / (stats[0] / stats[1]).float()
+
+# Alg. 1 lines 6-9, with the diagnostics users need to spot high-variance training (App. D.4).
+@torch.no_grad()
+def weights(logits, sigma, div, r_min, r_max, edges):
+    r = ratio(logits.detach().flatten(), r_min, r_max)
+    h_bar = normalize_weight(div.h(normalize_ratio(r, sigma, edges)))
+    clipped = ((r <= r_min * (1 + 1e-6)) | (r >= r_max * (1 - 1e-6))).float()
+    sums = all_reduce(torch.stack([r.sum(), clipped.sum(), h_bar.sum(), h_bar.square().sum(), torch.tensor(float(r.numel()), device=r.device)]).double())
+    mins = all_reduce(torch.stack([r.min(), h_bar.min()]), dist.ReduceOp.MIN)
+    maxs = all_reduce(torch.stack([r.max(), h_bar.max()]), dist.ReduceOp.MAX)
+    n = sums[4]
+    stats = dict(r_mean=sums[0] / n, r_min=mins[0], r_max=maxs[0], r_clipped=sums[1] / n,
+                 h_mean=sums[2] / n, h_min=mins[1], h_max=maxs[1], h_ess=sums[2] ** 2 / (n * sums[3]))
+    return h_bar, {k: float(v) for k, v in stats.items()}
+
+#----------------------------------------------------------------------------
+# The f-distill loss (Eq. 4) in denoiser form, as DMD2 writes it.
+# grad = w * h * (D_fake - D_teacher) = -w * sigma^2 * h * (s_teacher - s_fake), with DMD's per-sample
+# normaliser w = 1 / mean|y - D_teacher(x_t)| (DMD Eq. 8) that equalises gradient scale across sigma.
+# 0.5 * mse(y, sg(y - grad)) has gradient grad / y.numel() w.r.t. y; with h = 1 this is DMD2's loss.
+
+def fdistill_loss(y, D_teacher, D_fake, h, w=None):
+    with torch.no_grad():
+        shape = (-1,) + (1,) * (y.ndim - 1)
+        if w is None:
+            w = 1 / (y - D_teacher).abs().mean(dim=tuple(range(1, y.ndim)), keepdim=True)
+        grad = torch.nan_to_num(w.reshape(shape) * h.reshape(shape) * (D_fake - D_teacher))
+    return 0.5 * F.mse_loss(y.float(), (y - grad).detach().float())
+
+# Classifier-free guidance for the teacher denoiser (App. D.5): D_uncond + s * (D_cond - D_uncond).
+def cfg_denoiser(D_cond, D_uncond, scale):
+    return D_uncond + scale * (D_cond - D_uncond)
+
+#----------------------------------------------------------------------------
+# The auxiliary losses: fake-score denoising score matching, non-saturating GAN, R1.
+
+# Alg. 1 line 14: DSM on generator samples with EDM's weighting lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2.
+def fake_score_loss(fake_score, y, sigma, noise, sigma_data=0.5):
+    shape = (-1,) + (1,) * (y.ndim - 1)
+    sigma = sigma.reshape(shape)
+    D = fake_score(y + sigma * noise, sigma)
+    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    return (weight * (D.float() - y.float()).square()).mean()
+
+# Sec. 3, L_GAN(lambda), with D_lambda = sigmoid(logit): -log D(real) - log(1 - D(fake)).
+def gan_discriminator_loss(logits_real, logits_fake):
+    return F.softplus(-logits_real.float()).mean() + F.softplus(logits_fake.float()).mean()
+
+# Non-saturating generator side: -log D(fake).
+def gan_generator_loss(logits_fake):
+    return F.softplus(-logits_fake.float()).mean()
+
+# R1 (Mescheder et al. 2018) on noised real inputs: E||grad_x logit(x)||^2; the loss adds gamma/2 times it.
+def r1_penalty(logits_real, x_real):
+    grad, = torch.autograd.grad(logits_real.sum(), x_real, create_graph=True)
+    return grad.float().square().flatten(1).sum(1).mean()
+
+#----------------------------------------------------------------------------
+# Discriminator head on frozen teacher features (App. B): one small conv branch per feature
+# resolution (stride-2 convs down to 4x4, a full-size conv to 1x1, then a 1x1 conv to a logit);
+# with several resolutions, as CIFAR-10's (32, 16, 8), the branches' logits are averaged.
+
+class DiscriminatorHead(torch.nn.Module):
+    def __init__(self,
+        channels,           # Channels of each feature map, e.g. [768] for ImageNet-64 at 8x8.
+        resolutions,        # Spatial size of each feature map, e.g. [8]; 1 for feature vectors [B, C, 1, 1].
+        hidden  = None,     # Hidden channels of each branch; None = same as the input.
+    ):
+        super().__init__()
+        self.branches = torch.nn.ModuleList()
+        for c_in, res in zip(channels, resolutions):
+            c = hidden or c_in
+            groups = math.gcd(32, c // 4 or 1)   # at least 4 channels a group, or GroupNorm zeroes 1x1 maps
+            layers = []
+            while res > 4:
+                layers += [torch.nn.Conv2d(c_in, c, 4, stride=2, padding=1), torch.nn.GroupNorm(groups, c), torch.nn.SiLU()]
+                c_in, res = c, res // 2
+            layers += [torch.nn.Conv2d(c_in, c, res), torch.nn.GroupNorm(groups, c), torch.nn.SiLU(), torch.nn.Conv2d(c, 1, 1)]
+            self.branches.append(torch.nn.Sequential(*layers))
+
+    def forward(self, features):
+        logits = [branch(f.float()).flatten() for branch, f in zip(self.branches, features)]
+        return torch.stack(logits).mean(0)
+
+#----------------------------------------------------------------------------
+# One generator step and one critic step of Alg. 1, given generator samples y and the noise.
+# The caller draws sigma and noise, so every process can slice one global batch of random numbers.
+
+# Alg. 1 lines 6-12: f-distill loss + w_GAN * generator GAN loss. The logits the GAN loss needs
+# give r for free; the teacher runs once, with gradients to y through its features only.
+def generator_loss(y, sigma, noise, teacher, fake_score, head, div, r_min, r_max, edges, w_gan):
+    shape = (-1,) + (1,) * (y.ndim - 1)
+    x_t = y + sigma.reshape(shape) * noise                  # Eq. 4: x = G(z) + sigma * eps
+    with torch.set_grad_enabled(w_gan > 0):
+        D_teacher, features = teacher(x_t, sigma.reshape(shape))
+        logits = head(features)
+    with torch.no_grad():
+        D_fake = fake_score(x_t.detach(), sigma.reshape(shape))
+    h_bar, stats = weights(logits, sigma, div, r_min, r_max, edges)
+    loss_fdistill = fdistill_loss(y, D_teacher.detach(), D_fake, h_bar)
+    loss_gan = gan_generator_loss(logits)
+    stats.update(loss_fdistill=loss_fdistill.item(), loss_gan_g=loss_gan.item())
+    return loss_fdistill + w_gan * loss_gan, stats
+
+# Alg. 1 lines 14-15: the fake score learns the generator's distribution by DSM; the head learns
+# real-vs-generated on teacher features, plus gamma/2 * R1 on the noised real inputs.
+def critic_loss(y, x_real, sigma_dsm, noise_dsm, sigma_gan, noise_fake, noise_real, teacher, fake_score, head, gamma, sigma_data=0.5):
+    shape = (-1,) + (1,) * (y.ndim - 1)
+    y = y.detach()
+    loss_dsm = fake_score_loss(fake_score, y, sigma_dsm, noise_dsm, sigma_data)
+    with torch.no_grad():
+        _, features_fake = teacher(y + sigma_gan.reshape(shape) * noise_fake, sigma_gan.reshape(shape))
+    x_real_t = (x_real + sigma_gan.reshape(shape) * noise_real).detach().requires_grad_(gamma > 0)
+    with torch.set_grad_enabled(gamma > 0):
+        _, features_real = teacher(x_real_t, sigma_gan.reshape(shape))
+    logits_real = head(features_real)
+    logits_fake = head([f.detach() for f in features_fake])
+    loss_gan = gan_discriminator_loss(logits_real, logits_fake)
+    loss_r1 = r1_penalty(logits_real, x_real_t) if gamma > 0 else torch.zeros([], device=y.device)
+    stats = dict(loss_dsm=loss_dsm.item(), loss_gan_d=loss_gan.item(), loss_r1=loss_r1.item(),
+                 logit_real=logits_real.mean().item(), logit_fake=logits_fake.mean().item())
+    return loss_dsm + loss_gan + 0.5 * gamma * loss_r1, stats
+
+#----------------------------------------------------------------------------
