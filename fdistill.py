@@ -61,7 +61,7 @@ def karras_sigmas(num_levels=1000, sigma_min=0.002, sigma_max=80, rho=7):
 
 def sample_sigma(levels, batch_size, lo=0.02, hi=0.98, generator=None):
     n = len(levels)
-    idx = torch.randint(int(lo * n), int(hi * n), (batch_size,), generator=generator)
+    idx = torch.randint(int(lo * n), int(hi * n), (batch_size,), generator=generator, device=levels.device)
     return levels[idx].float()
 
 # Stage-1 bins hold equal shares of the sampled sigmas: edges at equal steps of the level index.
@@ -216,8 +216,8 @@ def critic_loss(y, x_real, sigma_dsm, noise_dsm, sigma_gan, noise_fake, noise_re
     x_real_t = (x_real + sigma_gan.reshape(shape) * noise_real).detach().requires_grad_(gamma > 0)
     with torch.set_grad_enabled(gamma > 0):
         _, features_real = teacher(x_real_t, sigma_gan.reshape(shape))
-    logits_real = head(features_real)
-    logits_fake = head([f.detach() for f in features_fake])
+    logits = head([torch.cat([real, fake]) for real, fake in zip(features_real, features_fake)])  # one call: DDP-friendly
+    logits_real, logits_fake = logits.split([len(x_real), len(y)])
     loss_gan = gan_discriminator_loss(logits_real, logits_fake)
     loss_r1 = r1_penalty(logits_real, x_real_t) if gamma > 0 else torch.zeros([], device=y.device)
     stats = dict(loss_dsm=loss_dsm.item(), loss_gan_d=loss_gan.item(), loss_r1=loss_r1.item(),

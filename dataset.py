@@ -1,0 +1,83 @@
+"""Image datasets in the layout EDM users already have: a zip or folder of PNGs, as written by EDM's
+dataset_tool.py, with optional class labels in dataset.json ({"labels": [[filename, label], ...]})."""
+
+import json
+import os
+import zipfile
+
+import numpy as np
+import PIL.Image
+import torch
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
+
+#----------------------------------------------------------------------------
+
+class ImageDataset:
+    def __init__(self, path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f'Dataset not found: {path} (pass a zip or folder of PNGs made by EDM\'s dataset_tool.py)')
+        self.path = path
+        self._zip = None
+        if os.path.isdir(path):
+            names = [os.path.relpath(os.path.join(root, f), path).replace('\\', '/') for root, _, files in os.walk(path) for f in files]
+        elif zipfile.is_zipfile(path):
+            names = self._open_zip().namelist()
+        else:
+            raise ValueError(f'Dataset {path} is neither a folder nor a zip file')
+        self.files = sorted(f for f in names if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not self.files:
+            raise ValueError(f'Dataset {path} contains no images ({", ".join(IMAGE_EXTENSIONS)})')
+        self.labels = self._load_labels(names)
+        image = self.image(0)
+        self.resolution, self.channels = image.shape[0], image.shape[2]
+        if image.shape[0] != image.shape[1]:
+            raise ValueError(f'Dataset {path}: images must be square, {self.files[0]} is {image.shape[1]}x{image.shape[0]}')
+        self.label_dim = 0 if self.labels is None else int(self.labels.max()) + 1
+
+    def __len__(self):
+        return len(self.files)
+
+    def _open_zip(self):
+        if self._zip is None:
+            self._zip = zipfile.ZipFile(self.path)
+        return self._zip
+
+    def _open(self, name):
+        if os.path.isdir(self.path):
+            return open(os.path.join(self.path, name), 'rb')
+        return self._open_zip().open(name, 'r')
+
+    def _load_labels(self, names):
+        if 'dataset.json' not in names:
+            return None
+        with self._open('dataset.json') as f:
+            labels = json.load(f).get('labels')
+        if labels is None:
+            return None
+        labels = dict(labels)
+        missing = [f for f in self.files if f not in labels]
+        if missing:
+            raise ValueError(f'Dataset {self.path}: dataset.json has no label for {missing[0]} ({len(missing)} images unlabelled)')
+        return np.array([labels[f] for f in self.files], dtype=np.int64)
+
+    # One image as uint8 HWC.
+    def image(self, i):
+        with self._open(self.files[i]) as f:
+            image = np.array(PIL.Image.open(f))
+        return image[:, :, np.newaxis] if image.ndim == 2 else image
+
+    # A batch as uint8 NCHW; all images must share the first image's shape.
+    def images(self, indices):
+        batch = np.stack([self.image(int(i)) for i in indices])
+        if batch.shape[1:] != (self.resolution, self.resolution, self.channels):
+            raise ValueError(f'Dataset {self.path}: images differ in shape from {self.files[0]}')
+        return torch.from_numpy(batch).permute(0, 3, 1, 2)
+
+    # Class labels as one-hot float rows (EDM's convention); None for an unlabelled dataset.
+    def one_hot(self, indices, label_dim=None):
+        if self.labels is None:
+            return None
+        return torch.nn.functional.one_hot(torch.as_tensor(self.labels[np.asarray(indices)]), label_dim or self.label_dim).float()
+
+#----------------------------------------------------------------------------

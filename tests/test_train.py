@@ -1,0 +1,124 @@
+"""train_cifar.py / train_imagenet.py end to end on CPU: a tiny random teacher in the official pickle
+format, a synthetic dataset zip, torchrun with gloo."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import edm_nets
+import fixtures
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp('train')
+    torch.manual_seed(0)
+    fixtures.write_edm_pickle(d / 'teacher.pkl', fixtures.tiny_songunet())
+    fixtures.write_dataset_zip(d / 'data.zip', num=32, resolution=8, num_classes=4)
+    fixtures.write_dataset_zip(d / 'data16.zip', num=8, resolution=16, num_classes=4)
+    return d
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+def train(files, outdir, *args, nproc=1, check=True):
+    common = ['--teacher', str(files / 'teacher.pkl'), '--data', str(files / 'data.zip'), '--outdir', str(outdir),
+              '--batch', '8', '--disc-res', '8,4', '--grid', '4', '--log-every', '1', '--snap-every', '100',
+              '--lr', '1e-3', '--ckpt-every', '1', '--keep', '100']
+    if nproc == 1:
+        cmd = [sys.executable, 'train_cifar.py']
+    else:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', f'--master_port={free_port()}', 'train_cifar.py']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run(cmd + common + list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f'{" ".join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}')
+    return result
+
+def load(outdir, it):
+    return torch.load(os.path.join(outdir, f'checkpoint-{it:07d}.pt'), map_location='cpu', weights_only=True)
+
+def assert_same(a, b, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m: f'{k}: {m}')
+
+def changed(a, b):
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+# One straight single-process run of 7 iterations (forward-KL, tau 5), checkpointed every iteration.
+@pytest.fixture(scope='module')
+def straight(files, tmp_path_factory):
+    out = tmp_path_factory.mktemp('straight')
+    train(files, out, '--iterations', '7')
+    return out
+
+#----------------------------------------------------------------------------
+
+def test_torchrun_two_processes_end_to_end_and_equal_to_one_process(files, straight, tmp_path):
+    out = tmp_path / 'run'
+    result = train(files, out, '--iterations', '6', nproc=2)
+    assert 'f-distill with forward-KL' in result.stdout
+    assert {'training_options.json', 'stats.jsonl', 'log.txt', 'grid-0000000.png', 'grid-0000006.png', 'checkpoint-0000006.pt'} <= set(os.listdir(out))
+    stats = [json.loads(line) for line in open(out / 'stats.jsonl')]
+    assert [s['iteration'] for s in stats] == list(range(1, 7))
+    for s in stats:
+        for k, v in s.items():
+            assert v == v and abs(v) != float('inf'), f'{k} not finite at iteration {s["iteration"]}'
+    assert 'loss_fdistill' in stats[0] and 'loss_dsm' in stats[1]      # Alg. 1: it 0 generator, it 1 critic
+    assert 0 < stats[0]['h_ess'] <= 1 and abs(stats[0]['h_mean'] - 1) < 1e-5
+    options = json.load(open(out / 'training_options.json'))
+    assert options['world_size'] == 2 and options['batch_gpu'] == 4
+    a, b = load(straight, 6), load(out, 6)
+    assert b['iteration'] == 6 and b['options']['f'] == 'fkl' and b['generator_kwargs']['model_type'] == 'SongUNet'
+    # Same global batch on 1 and 2 processes: same parameters. Adam turns fp rounding of tiny gradients
+    # into differences up to ~lr per step; a normalisation over the local batch differs by far more.
+    for key in ('generator', 'fake_score', 'head'):
+        assert_same(a[key], b[key], atol=1e-4)
+
+def test_resume_equals_straight_run(files, straight, tmp_path):
+    train(files, tmp_path, '--iterations', '4')
+    train(files, tmp_path, '--iterations', '7', '--resume')
+    a, b = load(straight, 7), load(tmp_path, 7)
+    for key in ('generator', 'fake_score', 'head'):
+        assert_same(a[key], b[key], atol=0)
+    assert 'Resumed from' in open(tmp_path / 'log.txt').read()
+
+def test_schedule_follows_algorithm1(files, straight):
+    # tau = 5: iterations 0 and 5 update only the generator; 1-4 and 6 only the fake score and the head.
+    teacher = edm_nets.load_edm_pickle(str(files / 'teacher.pkl'))['ema'].state_dict()
+    ckpt = {i: load(straight, i) for i in range(1, 8)}
+    assert changed(teacher, ckpt[1]['generator']) and not changed(teacher, ckpt[1]['fake_score'])
+    for it in range(1, 7):
+        generator_step = it % 5 == 0
+        assert changed(ckpt[it]['generator'], ckpt[it + 1]['generator']) == generator_step
+        assert changed(ckpt[it]['fake_score'], ckpt[it + 1]['fake_score']) != generator_step
+        assert changed(ckpt[it]['head'], ckpt[it + 1]['head']) != generator_step
+
+def test_gradient_accumulation_rounds_match_one_round(files, tmp_path):
+    # --batch-gpu 4 with batch 8: two accumulation rounds. Normalisation is per round, so the reverse-KL
+    # run (h = 1) must match one round exactly; f-distill weights would differ slightly.
+    train(files, tmp_path / 'one', '--iterations', '2', '--f', 'rkl')
+    train(files, tmp_path / 'acc', '--iterations', '2', '--f', 'rkl', '--batch-gpu', '4')
+    for key in ('generator', 'fake_score', 'head'):
+        assert_same(load(tmp_path / 'one', 2)[key], load(tmp_path / 'acc', 2)[key], atol=1e-4)
+
+@pytest.mark.parametrize('case', ['unknown_f', 'missing_teacher', 'missing_data', 'resolution_mismatch'])
+def test_bad_input_fails_before_training(files, tmp_path, case):
+    args = dict(unknown_f=['--f', 'kl2'], missing_teacher=['--teacher', str(tmp_path / 'nope.pkl')],
+                missing_data=['--data', str(tmp_path / 'nope.zip')], resolution_mismatch=['--data', str(files / 'data16.zip')])[case]
+    result = train(files, tmp_path / 'run', '--iterations', '2', *args, check=False)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    expect = dict(unknown_f='Unknown divergence "kl2"', missing_teacher='nope.pkl', missing_data='nope.zip',
+                  resolution_mismatch='3x16x16 images; the teacher wants 3x8x8')[case]
+    assert expect in last, last
+    assert not os.path.exists(tmp_path / 'run' / 'stats.jsonl')

@@ -1,0 +1,414 @@
+"""The training loop of Algorithm 1, shared by train_cifar.py, train_imagenet.py and train_t2i.py.
+
+A script builds a Task (networks and data) and its Table 5 preset; everything else is here:
+flags, torchrun DDP, the Alg. 1 schedule, checkpoints and exact resume, logs, grids, the benchmark.
+"""
+
+import argparse
+import contextlib
+import copy
+import gc
+import glob
+import json
+import os
+import re
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import fdistill
+
+#----------------------------------------------------------------------------
+# What a script hands the loop. All networks speak EDM's denoiser convention (fdistill.py).
+
+@dataclass
+class Task:
+    generator:      torch.nn.Module     # generator(z, cond) -> y, the one-step student G_theta.
+    fake_score:     torch.nn.Module     # fake_score(x, sigma, cond) -> D(x), the online s_psi.
+    head:           torch.nn.Module     # head(features) -> logits, trained part of D_lambda.
+    teacher:        Callable            # teacher(x, sigma, cond) -> (D(x), features), frozen s_phi.
+    cond:           Callable            # cond(indices) -> conditioning of dataset items (labels, text), on device.
+    real:           Callable            # real(indices) -> clean real samples x ~ p_data, on device.
+    num_real:       int                 # Dataset size.
+    z_shape:        tuple               # Shape of one latent z.
+    to_images:      Callable            # to_images(y) -> uint8 NCHW, for sample grids.
+    sigma_levels:   torch.Tensor        # Ascending 1000-level noise discretisation (DMD2).
+    sigma_data:     float = 0.5         # EDM's sigma_data for the DSM weighting.
+    meta:           dict = field(default_factory=dict)  # Extra checkpoint entries (generator_kwargs, sigma_init, head_kwargs).
+    regression:     Optional[Callable] = None   # regression(generator, step) -> loss, DMD's optional regression term.
+    captions:       Optional[Callable] = None   # captions(indices) -> list of str, written beside grids.
+
+#----------------------------------------------------------------------------
+# Flags. Each script passes its Table 5 preset as the defaults.
+
+def parse_args(description, preset, add_task_args=None, argv=None):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--outdir',          default=preset['outdir'],   help='Run directory (created; holds checkpoints, logs, grids)')
+    p.add_argument('--f',               default=preset['f'],        help='f-divergence: rkl, srkl, js, hellinger, fkl, jeffreys or sba:<lambda> (Table 1)')
+    p.add_argument('--batch',           default=preset['batch'],    type=int,   help='Global batch size B (Table 5)')
+    p.add_argument('--batch-gpu',       default=None,               type=int,   help='Samples per GPU per round; the rest is gradient accumulation (default: all of its share)')
+    p.add_argument('--iterations',      default=preset['iterations'], type=int, help='Total iterations M (Table 5)')
+    p.add_argument('--tau',             default=preset['tau'],      type=int,   help='Generator update every tau iterations, critic otherwise (Alg. 1 line 5)')
+    p.add_argument('--w-gan',           default=preset['w_gan'],    type=float, help='GAN loss weight in the generator loss (Alg. 1 line 12)')
+    p.add_argument('--lr',              default=preset['lr'],       type=float, help='Adam learning rate of generator, fake score and head (Table 5)')
+    p.add_argument('--lr2',             default=preset.get('lr2'),  type=float, help='Second-stage learning rate (ImageNet fine-tuning, Table 5); off if unset')
+    p.add_argument('--lr2-at',          default=preset.get('lr2_at', 0), type=int, help='Iteration at which --lr2 takes over')
+    p.add_argument('--wd',              default=1e-2,               type=float, help='AdamW weight decay (Table 5)')
+    p.add_argument('--r1-gamma',        default=preset['r1_gamma'], type=float, help='R1 penalty weight gamma on noised real inputs (Table 5)')
+    p.add_argument('--r-min',           default=preset.get('r_min', 1e-2), type=float, help='Lower clip of the density ratio r (Alg. 1 line 6)')
+    p.add_argument('--r-max',           default=preset.get('r_max', 1e2),  type=float, help='Upper clip of the density ratio r (Alg. 1 line 6)')
+    p.add_argument('--num-bins',        default=10,                 type=int,   help='Sigma bins of the stage-1 ratio normalisation (Sec. 4)')
+    p.add_argument('--disc-res',        default=preset['disc_res'], type=str,   help='Teacher feature resolutions the discriminator reads, e.g. 32,16,8 (Table 5)')
+    p.add_argument('--ema-halflife-kimg', default=0,                type=float, help='EMA half-life of the generator in kimg; 0 = off (paper setting)')
+    p.add_argument('--seed',            default=0,                  type=int,   help='Seed of all randomness (every iteration draws from seed and iteration)')
+    p.add_argument('--log-every',       default=preset.get('log_every', 50), type=int, help='Iterations between stats.jsonl lines')
+    p.add_argument('--snap-every',      default=preset.get('snap_every', 1000), type=int, help='Iterations between sample grids')
+    p.add_argument('--ckpt-every',      default=preset.get('ckpt_every', 1000), type=int, help='Iterations between checkpoints')
+    p.add_argument('--keep',            default=3,                  type=int,   help='Checkpoints kept (oldest deleted)')
+    p.add_argument('--grid',            default=64,                 type=int,   help='Images in each sample grid (fixed seeds)')
+    p.add_argument('--resume',          default=None, nargs='?', const='latest', help='Continue a run: a checkpoint file, or the latest in --outdir')
+    p.add_argument('--init-from',       default=None,               help='Warm start generator, fake score and head from another run\'s checkpoint')
+    p.add_argument('--bf16',            action='store_true',        help='bf16 autocast for all network passes')
+    p.add_argument('--tf32',            action='store_true',        help='Allow TF32 matmuls and convolutions on CUDA')
+    p.add_argument('--max-nan',         default=20,                 type=int,   help='Stop after this many non-finite losses in a row')
+    p.add_argument('--benchmark',       default=0,                  type=int,   help='Time this many steps of each kind, write benchmark.json, exit')
+    if add_task_args is not None:
+        add_task_args(p)
+    opts = p.parse_args(argv)
+    fdistill.divergence(opts.f)     # Unknown --f: one clear error before anything runs.
+    opts.disc_res = [int(r) for r in str(opts.disc_res).split(',')]
+    if not 0 < opts.r_min < 1 < opts.r_max:
+        p.error('--r-min must lie in (0, 1) and --r-max above 1')
+    if opts.tau < 2:
+        p.error('--tau must be at least 2: iterations with it % tau != 0 train the critic')
+    return opts
+
+#----------------------------------------------------------------------------
+# torchrun DDP: NCCL on GPUs, gloo on CPU; plain `python script.py` runs as a world of one.
+
+def init_distributed():
+    if 'RANK' not in os.environ:
+        return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device('cuda', local_rank)
+    else:
+        device = torch.device('cpu')
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return dist.get_rank(), dist.get_world_size(), device
+
+# A 2-process gloo run can abort at exit unless DDP modules go first (training_loop drops its own
+# when it returns), then a barrier, then the group.
+def close_distributed():
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+#----------------------------------------------------------------------------
+# Random numbers. Iteration `it` draws the whole global batch from (seed, it) on every process and
+# each process takes its slice: results do not depend on the number of GPUs, and resume is exact.
+
+def iteration_generator(seed, it, device):
+    return torch.Generator(device).manual_seed(seed * 2 ** 32 + it)
+
+def randn(g, batch, shape, device):
+    return torch.randn((batch,) + tuple(shape), generator=g, device=device)
+
+#----------------------------------------------------------------------------
+# Run directory: options, log, stats, grids, atomic checkpoints.
+
+class Run:
+    def __init__(self, outdir, rank):
+        self.outdir, self.rank = outdir, rank
+        if rank == 0:
+            os.makedirs(outdir, exist_ok=True)
+
+    def log(self, msg):
+        if self.rank == 0:
+            print(msg, flush=True)
+            with open(os.path.join(self.outdir, 'log.txt'), 'a') as f:
+                f.write(msg + '\n')
+
+    def write_json(self, name, obj):
+        if self.rank == 0:
+            atomic_write(os.path.join(self.outdir, name), lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+    def append_stats(self, stats):
+        if self.rank == 0:
+            with open(os.path.join(self.outdir, 'stats.jsonl'), 'a') as f:
+                f.write(json.dumps(stats) + '\n')
+
+    def checkpoints(self):
+        return sorted(glob.glob(os.path.join(self.outdir, 'checkpoint-*.pt')))
+
+    def save_checkpoint(self, state, keep):
+        if self.rank != 0:
+            return
+        path = os.path.join(self.outdir, f'checkpoint-{state["iteration"]:07d}.pt')
+        atomic_write(path, lambda f: torch.save(state, f))
+        for old in self.checkpoints()[:-keep]:
+            os.remove(old)
+
+    def save_grid(self, images, it, captions=None):
+        if self.rank != 0:
+            return
+        path = os.path.join(self.outdir, f'grid-{it:07d}.png')
+        atomic_write(path, lambda f: image_grid(images).save(f, format='PNG'))
+        if captions is not None:
+            with open(path[:-4] + '.txt', 'w') as f:
+                f.write('\n'.join(captions) + '\n')
+
+def atomic_write(path, write):
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        write(f)
+    os.replace(tmp, path)
+
+def image_grid(images):
+    n, c, h, w = images.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = (n + cols - 1) // cols
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i, img in enumerate(images.permute(0, 2, 3, 1).cpu().numpy()):
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
+    return PIL.Image.fromarray(grid[:, :, 0] if c == 1 else grid)
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'Checkpoint not found: {path}')
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+#----------------------------------------------------------------------------
+# The loop.
+
+def training_loop(opts, task, rank, world, device):
+    run = Run(opts.outdir, rank)
+    batch_gpu = opts.batch_gpu or opts.batch // world
+    rounds = opts.batch // (world * batch_gpu)
+    if rounds * world * batch_gpu != opts.batch:
+        raise ValueError(f'--batch {opts.batch} must be a multiple of GPUs ({world}) x --batch-gpu ({batch_gpu})')
+    div = fdistill.divergence(opts.f)
+    levels = task.sigma_levels.to(device)
+    edges = fdistill.sigma_bin_edges(levels, opts.num_bins)
+    generator, fake_score, head = task.generator.to(device), task.fake_score.to(device), task.head.to(device)
+    ema = copy.deepcopy(generator).eval().requires_grad_(False) if opts.ema_halflife_kimg > 0 else None
+    opt_g = torch.optim.AdamW(generator.parameters(), lr=opts.lr, weight_decay=opts.wd)
+    opt_c = torch.optim.AdamW(list(fake_score.parameters()) + list(head.parameters()), lr=opts.lr, weight_decay=opts.wd)
+    start, nan_total = 0, 0
+
+    # Resume exactly, or warm start from another run.
+    if opts.resume:
+        path = opts.resume if opts.resume != 'latest' else (run.checkpoints() or [None])[-1]
+        if path is None:
+            raise FileNotFoundError(f'--resume: no checkpoint-*.pt in {opts.outdir}')
+        state = load_checkpoint(path)
+        load_networks(state, generator, fake_score, head)
+        opt_g.load_state_dict(state['opt_g'])
+        opt_c.load_state_dict(state['opt_c'])
+        if ema is not None:
+            unwrap_net(ema).load_state_dict(state['generator_ema'])
+        start, nan_total = state['iteration'], state['nan_total']
+        run.log(f'Resumed from {path} at iteration {start}')
+    elif opts.init_from:
+        state = load_checkpoint(opts.init_from)
+        load_networks(state, generator, fake_score, head)
+        if ema is not None:
+            unwrap_net(ema).load_state_dict(state['generator'])
+        run.log(f'Warm start from {opts.init_from} (iteration {state["iteration"]} of that run)')
+
+    # DDP. The critic step sees the fake score and head through DDP; the generator step sees the
+    # generator through DDP and calls the head's plain module with its parameters frozen.
+    if world > 1:
+        ids = [device.index] if device.type == 'cuda' else None
+        ddp_generator = DDP(generator, device_ids=ids, find_unused_parameters=True)
+        ddp_fake_score = DDP(fake_score, device_ids=ids, find_unused_parameters=True)
+        ddp_head = DDP(head, device_ids=ids)
+    else:
+        ddp_generator, ddp_fake_score, ddp_head = generator, fake_score, head
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.bf16)
+
+    def generator_step(it, f_div):
+        head.requires_grad_(False)
+        g = iteration_generator(opts.seed, it, device)
+        z = randn(g, opts.batch, task.z_shape, device)
+        sigma = fdistill.sample_sigma(levels, opts.batch, generator=g)            # DMD2: levels 2%-98%
+        noise = randn(g, opts.batch, task.z_shape, device)
+        indices = torch.randint(task.num_real, (opts.batch,), generator=g, device=device).cpu()
+        stats, finite = [], True
+        for k in range(rounds):
+            sl = slice((k * world + rank) * batch_gpu, (k * world + rank + 1) * batch_gpu)
+            cond = task.cond(indices[sl])
+            with ddp_generator.no_sync() if (world > 1 and k < rounds - 1) else contextlib.nullcontext():
+                with autocast():
+                    y = ddp_generator(z[sl], cond)                                          # Alg. 1 line 4
+                    loss, st = fdistill.generator_loss(y, sigma[sl], noise[sl],                # Alg. 1 lines 6-11
+                        lambda x, s: task.teacher(x, s, cond), lambda x, s: fake_score(x, s, cond), head,
+                        f_div, opts.r_min, opts.r_max, edges, opts.w_gan)
+                    if task.regression is not None:
+                        loss_reg = task.regression(ddp_generator, it * rounds + k)
+                        st['loss_reg'] = loss_reg.item()
+                        loss = loss + loss_reg
+                finite &= bool(torch.isfinite(loss))
+                (loss / rounds).backward()
+            stats.append(st)
+        head.requires_grad_(True)
+        return step(opt_g, finite), stats
+
+    def critic_step(it):
+        g = iteration_generator(opts.seed, it, device)
+        z = randn(g, opts.batch, task.z_shape, device)
+        sigma_dsm = fdistill.sample_sigma(levels, opts.batch, lo=0, hi=1, generator=g)  # DSM over all levels (DMD2)
+        sigma_gan = fdistill.sample_sigma(levels, opts.batch, generator=g)               # same sigmas as r is read at
+        noise_dsm, noise_fake, noise_real = [randn(g, opts.batch, task.z_shape, device) for _ in range(3)]
+        indices = torch.randint(task.num_real, (opts.batch,), generator=g, device=device).cpu()
+        stats, finite = [], True
+        for k in range(rounds):
+            sl = slice((k * world + rank) * batch_gpu, (k * world + rank + 1) * batch_gpu)
+            cond = task.cond(indices[sl])
+            x_real = task.real(indices[sl])
+            with contextlib.ExitStack() as no_sync:
+                if world > 1 and k < rounds - 1:
+                    no_sync.enter_context(ddp_fake_score.no_sync())
+                    no_sync.enter_context(ddp_head.no_sync())
+                with autocast():
+                    with torch.no_grad():
+                        y = generator(z[sl], cond)                                          # Alg. 1 line 4
+                    loss, st = fdistill.critic_loss(y, x_real, sigma_dsm[sl], noise_dsm[sl],    # Alg. 1 lines 14-15
+                        sigma_gan[sl], noise_fake[sl], noise_real[sl],
+                        lambda x, s: task.teacher(x, s, cond), lambda x, s: ddp_fake_score(x, s, cond), ddp_head,
+                        opts.r1_gamma, task.sigma_data)
+                finite &= bool(torch.isfinite(loss))
+                (loss / rounds).backward()
+            stats.append(st)
+        return step(opt_c, finite), stats
+
+    # Optimiser step unless some process saw a non-finite loss; then skip it everywhere.
+    def step(opt, finite):
+        ok = fdistill.all_reduce(torch.tensor([float(finite)], device=device), dist.ReduceOp.MIN).item() > 0
+        if ok:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        return ok
+
+    def set_lr(it):
+        lr = opts.lr2 if (opts.lr2 is not None and it >= opts.lr2_at) else opts.lr
+        for opt in (opt_g, opt_c):
+            for group in opt.param_groups:
+                group['lr'] = lr
+
+    def checkpoint_state(it):
+        return dict(iteration=it, nan_total=nan_total, options=vars(opts), **task.meta,
+            generator=unwrap_net(generator).state_dict(),
+            generator_ema=unwrap_net(ema).state_dict() if ema is not None else None,
+            fake_score=unwrap_net(fake_score).state_dict(), head=head.state_dict(),
+            opt_g=opt_g.state_dict(), opt_c=opt_c.state_dict())
+
+    def grid(it):
+        net = ema if ema is not None else generator
+        g = torch.Generator(device).manual_seed(opts.seed + 12345)
+        z = randn(g, opts.grid, task.z_shape, device)
+        indices = torch.from_numpy(np.linspace(0, task.num_real - 1, opts.grid).astype(np.int64))
+        with torch.no_grad(), autocast():
+            images = torch.cat([task.to_images(net(z[i:i + batch_gpu], task.cond(indices[i:i + batch_gpu]))) for i in range(0, opts.grid, batch_gpu)])
+        run.save_grid(images, it, task.captions(indices) if task.captions is not None else None)
+
+    if opts.benchmark:
+        return benchmark(opts, run, generator_step, critic_step, device, world)
+
+    # Alg. 1 line 2: for iteration in 0..M.
+    if start == 0:
+        run.write_json('training_options.json', dict(vars(opts), world_size=world, batch_gpu=batch_gpu, rounds=rounds))
+        run.log(f'f-distill with {div.name} (--f {opts.f}): {opts.iterations} iterations, batch {opts.batch} = {world} x {batch_gpu} x {rounds} rounds')
+        grid(0)
+    t_start, t_log, it_log = time.time(), time.time(), start
+    window, nan_run, last_ckpt = [], 0, (run.checkpoints() or [None])[-1]
+    for it in range(start, opts.iterations):
+        set_lr(it)
+        if it % opts.tau == 0:                                                              # Alg. 1 line 5
+            ok, stats = generator_step(it, div)
+            if ok and ema is not None:
+                beta = 0.5 ** (opts.batch / (opts.ema_halflife_kimg * 1000))
+                with torch.no_grad():
+                    for p_ema, p in zip(ema.parameters(), generator.parameters()):
+                        p_ema.lerp_(p, 1 - beta)
+        else:
+            ok, stats = critic_step(it)
+        nan_total += not ok
+        nan_run = 0 if ok else nan_run + 1
+        if nan_run >= opts.max_nan:
+            raise RuntimeError(f'{nan_run} non-finite losses in a row at iteration {it}; stopping. '
+                               f'Last good checkpoint: {last_ckpt}. Try a lower --lr or --r-max, or without --bf16.')
+        window += stats
+        done = it + 1
+        if done % opts.log_every == 0 or done == opts.iterations:
+            t_now = time.time()
+            sec_per_it = (t_now - t_log) / (done - it_log)
+            entry = dict(iteration=done, kimg=done * opts.batch / 1000, sec_per_it=sec_per_it,
+                         images_per_sec=opts.batch / sec_per_it, eta_hours=sec_per_it * (opts.iterations - done) / 3600,
+                         nan_total=nan_total, memory_gb=memory_gb(device), lr=opt_g.param_groups[0]['lr'])
+            for key in sorted({k for st in window for k in st}):
+                entry[key] = float(np.mean([st[key] for st in window if key in st]))
+            run.append_stats(entry)
+            run.log(f'it {done}/{opts.iterations}  {entry["images_per_sec"]:.1f} img/s  ETA {entry["eta_hours"]:.2f} h  '
+                    + '  '.join(f'{k} {entry[k]:.4g}' for k in ('loss_fdistill', 'loss_dsm', 'loss_gan_d', 'h_ess', 'r_mean') if k in entry))
+            window, t_log, it_log = [], t_now, done
+        if done % opts.snap_every == 0 or done == opts.iterations:
+            grid(done)
+        if done % opts.ckpt_every == 0 or done == opts.iterations:
+            run.save_checkpoint(checkpoint_state(done), opts.keep)
+            last_ckpt = os.path.join(opts.outdir, f'checkpoint-{done:07d}.pt')
+    run.log(f'Done: {opts.iterations - start} iterations in {(time.time() - t_start) / 3600:.2f} h, {nan_total} skipped steps')
+
+#----------------------------------------------------------------------------
+# Helpers.
+
+# Checkpoints hold the denoiser inside each wrapper (e.g. OneStepGenerator.net), as evaluate.py rebuilds it.
+def unwrap_net(module):
+    return getattr(module, 'net', module)
+
+def load_networks(state, generator, fake_score, head):
+    unwrap_net(generator).load_state_dict(state['generator'])
+    unwrap_net(fake_score).load_state_dict(state['fake_score'])
+    head.load_state_dict(state['head'])
+
+def memory_gb(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+# Seconds per generator step (f-distill and reverse-KL on the same model) and per critic step.
+# The ratio of the two generator steps is the price of the weighting: logits are computed anyway.
+# f and reverse-KL steps alternate and medians are reported, so drift in machine load cancels.
+def benchmark(opts, run, generator_step, critic_step, device, world):
+    def timed(fn):
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+    div_f, div_rkl = fdistill.divergence(opts.f), fdistill.divergence('rkl')
+    generator_step(0, div_f), generator_step(0, div_rkl), critic_step(1)                 # Warm-up.
+    times = np.array([[timed(lambda: generator_step(i, div_f)), timed(lambda: generator_step(i, div_rkl)),
+                       timed(lambda: critic_step(i))] for i in range(1, opts.benchmark + 1)])
+    t_f, t_rkl, t_c = np.median(times, axis=0)
+    t_it = (t_f + (opts.tau - 1) * t_c) / opts.tau
+    result = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu', world_size=world,
+                  batch=opts.batch, bf16=opts.bf16, f=opts.f, steps=opts.benchmark, sec_generator_step=t_f,
+                  sec_generator_step_rkl=t_rkl, sec_critic_step=t_c, ratio_f_over_rkl=t_f / t_rkl,
+                  images_per_sec=opts.batch / t_it, memory_gb=memory_gb(device))
+    run.write_json('benchmark.json', result)
+    run.log(json.dumps(result))
+    return result
+
+#----------------------------------------------------------------------------
