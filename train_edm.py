@@ -110,6 +110,7 @@ def load_lpips(vgg_path, device):
     return model.eval().requires_grad_(False).to(device)
 
 def regression_pairs(opts, teacher, cond, shape, device):
+    os.makedirs(opts.outdir, exist_ok=True)
     path = os.path.join(opts.outdir, f'reg_pairs_{opts.reg_pairs}_{opts.reg_steps}steps.pt')
     if not os.path.isfile(path):
         rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if torch.distributed.is_initialized() else (0, 1)

@@ -58,14 +58,14 @@ def changed(a, b):
 @pytest.fixture(scope='module')
 def straight(files, tmp_path_factory):
     out = tmp_path_factory.mktemp('straight')
-    train(files, out, '--iterations', '7')
+    train(files, out, '--iterations', '7', '--ema-halflife-kimg', '0.01')
     return out
 
 #----------------------------------------------------------------------------
 
 def test_torchrun_two_processes_end_to_end_and_equal_to_one_process(files, straight, tmp_path):
     out = tmp_path / 'run'
-    result = train(files, out, '--iterations', '6', nproc=2)
+    result = train(files, out, '--iterations', '6', '--ema-halflife-kimg', '0.01', nproc=2)
     assert 'f-distill with forward-KL' in result.stdout
     assert {'training_options.json', 'stats.jsonl', 'log.txt', 'grid-0000000.png', 'grid-0000006.png', 'checkpoint-0000006.pt'} <= set(os.listdir(out))
     stats = [json.loads(line) for line in open(out / 'stats.jsonl')]
@@ -81,14 +81,14 @@ def test_torchrun_two_processes_end_to_end_and_equal_to_one_process(files, strai
     assert b['iteration'] == 6 and b['options']['f'] == 'fkl' and b['generator_kwargs']['model_type'] == 'SongUNet'
     # Same global batch on 1 and 2 processes: same parameters. Adam turns fp rounding of tiny gradients
     # into differences up to ~lr per step; a normalisation over the local batch differs by far more.
-    for key in ('generator', 'fake_score', 'head'):
+    for key in ('generator', 'generator_ema', 'fake_score', 'head'):
         assert_same(a[key], b[key], atol=1e-4)
 
 def test_resume_equals_straight_run(files, straight, tmp_path):
-    train(files, tmp_path, '--iterations', '4')
-    train(files, tmp_path, '--iterations', '7', '--resume')
+    train(files, tmp_path, '--iterations', '4', '--ema-halflife-kimg', '0.01')
+    train(files, tmp_path, '--iterations', '7', '--ema-halflife-kimg', '0.01', '--resume')
     a, b = load(straight, 7), load(tmp_path, 7)
-    for key in ('generator', 'fake_score', 'head'):
+    for key in ('generator', 'generator_ema', 'fake_score', 'head'):
         assert_same(a[key], b[key], atol=0)
     assert 'Resumed from' in open(tmp_path / 'log.txt').read()
 
@@ -102,6 +102,57 @@ def test_schedule_follows_algorithm1(files, straight):
         assert changed(ckpt[it]['generator'], ckpt[it + 1]['generator']) == generator_step
         assert changed(ckpt[it]['fake_score'], ckpt[it + 1]['fake_score']) != generator_step
         assert changed(ckpt[it]['head'], ckpt[it + 1]['head']) != generator_step
+
+def test_ema_follows_generator_steps(files, straight):
+    # EMA with half-life 0.01 kimg at batch 8: beta = 0.5 ** (8 / 10), updated on generator steps only.
+    teacher = edm_nets.load_edm_pickle(str(files / 'teacher.pkl'))['ema'].state_dict()
+    beta = 0.5 ** (8 / 10)
+    ckpt = {i: load(straight, i) for i in (1, 5, 6)}
+    expect1 = {k: beta * teacher[k] + (1 - beta) * ckpt[1]['generator'][k] for k in teacher}
+    assert_same(expect1, ckpt[1]['generator_ema'], atol=1e-6)
+    assert_same(ckpt[1]['generator_ema'], ckpt[5]['generator_ema'], atol=0)
+    expect6 = {k: beta * ckpt[5]['generator_ema'][k] + (1 - beta) * ckpt[6]['generator'][k] for k in teacher}
+    assert_same(expect6, ckpt[6]['generator_ema'], atol=1e-6)
+
+def test_warm_start_loads_networks_not_iteration(files, straight, tmp_path):
+    train(files, tmp_path, '--iterations', '2', '--lr', '0', '--init-from', str(straight / 'checkpoint-0000007.pt'))
+    a, b = load(straight, 7), load(tmp_path, 2)
+    for key in ('generator', 'fake_score', 'head'):
+        assert_same(a[key], b[key], atol=0)
+    assert b['iteration'] == 2
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(files, tmp_path):
+    import train_cifar, train_edm, training_loop
+    opts = training_loop.parse_args('test', train_cifar.PRESET, train_edm.add_edm_args, [
+        '--teacher', str(files / 'teacher.pkl'), '--data', str(files / 'data.zip'), '--outdir', str(tmp_path),
+        '--batch', '8', '--disc-res', '8', '--grid', '4', '--iterations', '10', '--ckpt-every', '1', '--log-every', '1', '--max-nan', '3'])
+    task = train_edm.build_task(opts, train_cifar.PRESET, torch.device('cpu'))
+    task.real = lambda indices: torch.full((len(indices), 3, 8, 8), float('nan'))     # every critic loss NaN
+    with pytest.raises(RuntimeError, match='3 non-finite losses in a row at iteration 3'):
+        training_loop.training_loop(opts, task, 0, 1, torch.device('cpu'))
+    stats = [json.loads(line) for line in open(tmp_path / 'stats.jsonl')]
+    assert [s['nan_total'] for s in stats] == [0, 1, 2]
+    last = load(tmp_path, 3)                            # Skipped steps leave the networks as they were.
+    assert_same(load(tmp_path, 1)['fake_score'], last['fake_score'], atol=0)
+    assert all(torch.isfinite(v).all() for v in last['generator'].values())
+
+def test_lpips_regression_pairs_and_loss(files, tmp_path):
+    import torchvision
+    vgg = {k: v for k, v in torchvision.models.vgg16().state_dict().items() if k.startswith('features.')}
+    torch.save(vgg, tmp_path / 'vgg16.pth')
+    result = train(files, tmp_path / 'run', '--iterations', '1', '--reg-weight', '0.25', '--reg-pairs', '4',
+                   '--reg-batch', '2', '--reg-steps', '2', '--lpips-vgg', str(tmp_path / 'vgg16.pth'))
+    pairs = torch.load(tmp_path / 'run' / 'reg_pairs_4_2steps.pt', weights_only=True)
+    teacher = edm_nets.load_edm_pickle(str(files / 'teacher.pkl'))['ema']
+    z = edm_nets.StackedRandomGenerator('cpu', [3]).randn([1, 3, 8, 8])
+    import dataset
+    label = dataset.ImageDataset(str(files / 'data.zip')).one_hot([3], 4)
+    expect = edm_nets.edm_sampler(teacher, z, label, num_steps=2).float()
+    torch.testing.assert_close(pairs[3:4], expect, atol=1e-5, rtol=0)
+    stats = json.loads(open(tmp_path / 'run' / 'stats.jsonl').readline())
+    assert stats['loss_reg'] > 0
+    missing = train(files, tmp_path / 'run2', '--iterations', '1', '--reg-weight', '0.25', check=False)
+    assert '--lpips-vgg' in missing.stderr.strip().splitlines()[-1]
 
 def test_gradient_accumulation_rounds_match_one_round(files, tmp_path):
     # --batch-gpu 4 with batch 8: two accumulation rounds. Normalisation is per round, so the reverse-KL
