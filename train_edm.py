@@ -54,7 +54,7 @@ def check_data(data, teacher):
     if teacher.label_dim and data.label_dim > teacher.label_dim:
         raise ValueError(f'{name} has labels up to {data.label_dim - 1} but the teacher has {teacher.label_dim} classes')
 
-def build_task(opts, preset, device):
+def build_task(opts, preset, device, rank, world):
     teacher = load_teacher(opts, preset).to(device)
     if opts.random_teacher:
         data = None
@@ -89,8 +89,8 @@ def build_task(opts, preset, device):
         to_images=lambda y: (y * 127.5 + 128).clamp(0, 255).to(torch.uint8),
         sigma_levels=fdistill.karras_sigmas(1000, 0.002, 80),         # EDM's sampling range (the pickles say 0, inf)
         sigma_data=teacher.sigma_data,
-        meta=dict(generator_kwargs=teacher.init_kwargs, sigma_init=opts.sigma_init, head_kwargs=head_kwargs),
-        regression=regression_loss(opts, teacher, cond, shape, device) if opts.reg_weight > 0 else None)
+        meta=dict(generator_kwargs=generator.net.init_kwargs, sigma_init=opts.sigma_init, head_kwargs=head_kwargs),
+        regression=regression_loss(opts, teacher, cond, shape, device, rank, world) if opts.reg_weight > 0 else None)
 
 #----------------------------------------------------------------------------
 # DMD's regression loss (DMD Sec. 3.3): LPIPS between G(z) and the teacher's ODE sample from the same
@@ -109,11 +109,10 @@ def load_lpips(vgg_path, device):
     model.net.load_state_dict({k: vgg[f'features.{k.split(".", 1)[1]}'] for k in own})
     return model.eval().requires_grad_(False).to(device)
 
-def regression_pairs(opts, teacher, cond, shape, device):
+def regression_pairs(opts, teacher, cond, shape, device, rank, world):
     os.makedirs(opts.outdir, exist_ok=True)
     path = os.path.join(opts.outdir, f'reg_pairs_{opts.reg_pairs}_{opts.reg_steps}steps.pt')
     if not os.path.isfile(path):
-        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if torch.distributed.is_initialized() else (0, 1)
         seeds = np.arange(opts.reg_pairs)
         part = f'{path}.part{rank}'
         images = []
@@ -136,10 +135,9 @@ def regression_pairs(opts, teacher, cond, shape, device):
         os.remove(part)
     return torch.load(path, map_location='cpu', weights_only=True)
 
-def regression_loss(opts, teacher, cond, shape, device):
+def regression_loss(opts, teacher, cond, shape, device, rank, world):
     model = load_lpips(opts.lpips_vgg, device)
-    targets = regression_pairs(opts, teacher, cond, shape, device)
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if torch.distributed.is_initialized() else (0, 1)
+    targets = regression_pairs(opts, teacher, cond, shape, device, rank, world)
 
     def loss(generator, step):                  # step counts regression calls: resume stays exact
         g = torch.Generator().manual_seed(opts.seed * 2 ** 32 + step)
@@ -154,11 +152,6 @@ def regression_loss(opts, teacher, cond, shape, device):
 
 def main(description, preset, argv=None):
     opts = training_loop.parse_args(description, preset, add_edm_args, argv)
-    rank, world, device = training_loop.init_distributed()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = opts.tf32
-    torch.manual_seed(opts.seed)                # The head's initial weights.
-    task = build_task(opts, preset, device)
-    training_loop.training_loop(opts, task, rank, world, device)
-    training_loop.close_distributed()
+    training_loop.main(opts, lambda opts, device, rank, world: build_task(opts, preset, device, rank, world))
 
 #----------------------------------------------------------------------------

@@ -369,6 +369,17 @@ def training_loop(opts, task, rank, world, device):
     run.log(f'Done: {opts.iterations - start} iterations in {(time.time() - t_start) / 3600:.2f} h, {nan_total} skipped steps')
 
 #----------------------------------------------------------------------------
+# A script's whole run: processes, precision flags, the task's networks and data, the loop.
+
+def main(opts, build_task):
+    rank, world, device = init_distributed()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = opts.tf32
+    torch.manual_seed(opts.seed)                # The head's initial weights.
+    task = build_task(opts, device, rank, world)
+    training_loop(opts, task, rank, world, device)
+    close_distributed()
+
+#----------------------------------------------------------------------------
 # Helpers.
 
 # Checkpoints hold the denoiser inside each wrapper (e.g. OneStepGenerator.net), as evaluate.py rebuilds it.
