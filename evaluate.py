@@ -1,0 +1,763 @@
+"""Evaluate one-step generators and their teachers the way the field does (Tables 2-4, Fig. 5).
+
+  python evaluate.py ref      --data cifar10-32x32.zip --dest refs/cifar10.npz --detector inception-2015-12-05.pt
+  python evaluate.py generate --ckpt runs/00000-cifar --outdir samples.zip --seeds 0-49999
+  torchrun --nproc_per_node=8 evaluate.py fid --ckpt runs/00000-cifar --ref refs/cifar10.npz \\
+      --detector inception-2015-12-05.pt --repeats 3
+  python evaluate.py fid      --teacher edm-cifar10-32x32-cond-vp.pkl --steps 18 --ref ... --detector ...
+  python evaluate.py clip     --images samples/ --captions captions.txt --clip-model clip-vit-large/
+  python evaluate.py latency  --ckpt runs/00000-cifar
+  python evaluate.py weights  --ckpt runs/00000-cifar --num-images 6400
+
+(Script flags avoid prefixes of torchrun's own flags, e.g. --run or --num, which torchrun would claim.)
+FID exactly as EDM's fid.py: NVIDIA's Inception-v3 TorchScript, features summed in float64, unbiased
+covariance, scipy's sqrtm. Precision/recall of Kynkaenniemi et al. 2019 (k = 3) as ADM's evaluator computes
+them. Every path comes from the user; nothing is downloaded.
+"""
+
+import argparse
+import glob
+import io
+import json
+import os
+import re
+import time
+import zipfile
+
+import numpy as np
+import PIL.Image
+import scipy.linalg
+import torch
+import torch.distributed as dist
+
+import dataset
+import fdistill
+
+#----------------------------------------------------------------------------
+# Distributed helpers. torchrun's environment is read by training_loop.init_distributed (NCCL on GPUs,
+# gloo on CPU); plain python is a world of one.
+
+def init_distributed():
+    import training_loop
+    return training_loop.init_distributed()[2]
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+def print0(*args, **kwargs):
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+# Rows of x from every rank, concatenated in rank order (ranks may hold different numbers of rows).
+def gather_rows(x):
+    if not dist.is_initialized():
+        return x
+    sizes = [torch.zeros([], dtype=torch.int64, device=x.device) for _ in range(get_world_size())]
+    dist.all_gather(sizes, torch.tensor(len(x), device=x.device))
+    padded = x.new_zeros([max(int(s) for s in sizes), *x.shape[1:]])
+    padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)])
+
+#----------------------------------------------------------------------------
+# Frechet Inception Distance (Heusel et al. 2017), computed as EDM's fid.py does:
+# FID = ||mu - mu_ref||^2 + tr(Sigma + Sigma_ref - 2 sqrtm(Sigma Sigma_ref)), real part.
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    mu1, sigma1, mu2, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, sigma1, mu2, sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f'Statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}')
+    m = np.square(mu1 - mu2).sum()
+    s = scipy.linalg.sqrtm(np.dot(sigma1, sigma2))
+    return float(np.real(m + np.trace(sigma1 + sigma2 - s * 2)))
+
+# Running feature statistics as in EDM's fid.py: float64 sum and sum of outer products, all-reduced over
+# ranks, then mu = sum / n and the unbiased Sigma = (sum x x^T - n mu mu^T) / (n - 1). The features
+# themselves are kept only when precision/recall needs them.
+FEATURE_DIM = 2048                                          # Inception-v3 pool3 features
+
+class FeatureStats:
+    def __init__(self,
+        dim             = None,     # Feature dimension; None = FEATURE_DIM.
+        keep_features   = False,    # Keep the features for precision/recall.
+        device          = 'cpu',    # Where the sums live.
+    ):
+        dim = dim or FEATURE_DIM
+        self.num = 0
+        self.sum = torch.zeros([dim], dtype=torch.float64, device=device)
+        self.sum_outer = torch.zeros([dim, dim], dtype=torch.float64, device=device)
+        self.features = [] if keep_features else None
+
+    def append(self, features):
+        x = features.to(self.sum.device, torch.float64)
+        self.num += len(x)
+        self.sum += x.sum(0)
+        self.sum_outer += x.T @ x
+        if self.features is not None:
+            self.features.append(features.to(self.sum.device, torch.float32))
+
+    def total(self):
+        return int(fdistill.all_reduce(torch.tensor(self.num, dtype=torch.int64, device=self.sum.device)))
+
+    def mu_sigma(self):
+        n = self.total()
+        if n < 2:
+            raise ValueError(f'Need at least 2 feature vectors for the covariance, got {n}')
+        mu = fdistill.all_reduce(self.sum.clone()) / n
+        sigma = fdistill.all_reduce(self.sum_outer.clone())
+        sigma -= torch.outer(mu, mu) * n
+        sigma /= n - 1
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+    def all_features(self):
+        local = torch.cat(self.features) if self.features else self.sum.new_zeros([0, len(self.sum)], dtype=torch.float32)
+        return gather_rows(local)
+
+#----------------------------------------------------------------------------
+# Reference statistics in EDM's .npz format: 'mu' [2048] and 'sigma' [2048, 2048] (float64), readable by
+# EDM's fid.py. Ours may also hold 'features' [N, 2048] (float32), which precision/recall needs.
+
+def save_ref(path, mu, sigma, features=None):
+    arrays = dict(mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64))
+    if features is not None:
+        arrays['features'] = np.asarray(features, dtype=np.float32)
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + '.tmp', 'wb') as f:
+        np.savez(f, **arrays)
+    os.replace(path + '.tmp', path)
+
+def load_ref(path, need_features=False):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'Reference statistics "{path}" not found: build them with `python evaluate.py ref --data DATASET --dest {path} --detector ...` or pass EDM\'s published .npz')
+    with np.load(path, allow_pickle=False) as data:
+        if 'mu' not in data or 'sigma' not in data:
+            raise ValueError(f'"{path}" is not an EDM reference .npz: it needs arrays "mu" and "sigma", found {sorted(data.keys())}')
+        if need_features and 'features' not in data:
+            raise ValueError(f'"{path}" has no "features" array, which precision/recall needs: rebuild it with `python evaluate.py ref` or pass --no-pr')
+        return {k: data[k] for k in data.keys()}
+
+#----------------------------------------------------------------------------
+# Improved precision and recall (Kynkaenniemi et al. 2019), conventions of ADM's evaluator: each point's
+# k-NN ball has the squared distance to its k-th nearest neighbour (itself excluded) as squared radius; precision
+# is the fraction of generated points inside some real ball, recall the fraction of real points inside
+# some generated ball. Distances are computed in row chunks so 50k x 50k fits in memory.
+
+def squared_distances(a, b):
+    return (a.square().sum(1, keepdim=True) - 2 * a @ b.T + b.square().sum(1)[None]).clamp(min=0)
+
+CHUNK_ELEMENTS = 1 << 26                                    # distances held at once (256 MB in float32)
+
+def chunk_rows(num_cols):
+    return max(1, CHUNK_ELEMENTS // max(num_cols, 1))
+
+def knn_radii(features, k):
+    radii = []
+    rows = chunk_rows(len(features))
+    for begin in range(0, len(features), rows):
+        d = squared_distances(features[begin : begin + rows], features)
+        i = torch.arange(len(d), device=d.device)
+        d[i, begin + i] = float('inf')                      # not its own neighbour
+        radii.append(d.kthvalue(k, dim=1).values)
+    return torch.cat(radii)
+
+def manifold_fraction(points, centers, radii):
+    inside = []
+    rows = chunk_rows(len(centers))
+    for begin in range(0, len(points), rows):
+        d = squared_distances(points[begin : begin + rows], centers)
+        inside.append((d <= radii[None]).any(dim=1))
+    return float(torch.cat(inside).double().mean())
+
+def precision_recall(real_features, fake_features, k=3):
+    real = torch.as_tensor(real_features, dtype=torch.float32)
+    fake = torch.as_tensor(fake_features, dtype=torch.float32, device=real.device)
+    if len(real) <= k or len(fake) <= k:
+        raise ValueError(f'Precision/recall with k={k} needs more than {k} real and generated samples, got {len(real)} and {len(fake)}')
+    precision = manifold_fraction(fake, real, knn_radii(real, k))
+    recall = manifold_fraction(real, fake, knn_radii(fake, k))
+    return precision, recall
+
+#----------------------------------------------------------------------------
+# NVIDIA's Inception-v3 for FID (a PyTorch translation of TensorFlow's inception-2015-12-05), as a
+# TorchScript archive: torch.jit.load runs no pickled Python. Called on uint8 NCHW images of any size.
+
+DETECTOR_HINT = "download it yourself from NVIDIA's EDM/StyleGAN3 metrics page and pass --detector"
+
+def check_detector(path):
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f'Inception detector "{path}" not found: it is NVIDIA\'s TorchScript inception-2015-12-05.pt; {DETECTOR_HINT} PATH')
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f'"{path}" is not a TorchScript archive: use NVIDIA\'s inception-2015-12-05.pt (not the .pkl); {DETECTOR_HINT} PATH')
+
+def load_detector(path, device):
+    check_detector(path)
+    return torch.jit.load(path, map_location=device).eval()
+
+@torch.no_grad()
+def inception_features(detector, images):
+    if images.shape[1] == 1:
+        images = images.repeat([1, 3, 1, 1])
+    return detector(images, return_features=True)
+
+#----------------------------------------------------------------------------
+# Images on disk: a folder or zip of PNGs in EDM's dataset_tool layout, read by dataset.py in sorted file
+# order, as uint8 NCHW batches.
+
+def iterate_images(path, batch_size=64, indices=None):
+    data = dataset.ImageDataset(path)
+    indices = list(range(len(data))) if indices is None else list(indices)
+    for begin in range(0, len(indices), batch_size):
+        yield data.images(indices[begin : begin + batch_size])
+
+# PNG writer for a folder or a .zip (chosen by the name); file names are the seeds, 000042.png.
+class ImageWriter:
+    def __init__(self, path):
+        self.path = path
+        self.zip = None
+        if path.lower().endswith('.zip'):
+            if os.path.dirname(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            self.zip = zipfile.ZipFile(path + '.tmp', 'w', compression=zipfile.ZIP_STORED)
+        else:
+            os.makedirs(path, exist_ok=True)
+
+    def write(self, seed, image):
+        buf = io.BytesIO()
+        array = image.permute(1, 2, 0).cpu().numpy()
+        PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buf, format='png')
+        if self.zip is not None:
+            self.zip.writestr(f'{seed:06d}.png', buf.getvalue())
+        else:
+            with open(os.path.join(self.path, f'{seed:06d}.png'), 'wb') as f:
+                f.write(buf.getvalue())
+
+    def close(self):
+        if self.zip is not None:
+            self.zip.close()
+            os.replace(self.path + '.tmp', self.path)
+
+# EDM's generate.py conversion from [-1, 1] to uint8.
+def to_uint8(images):
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+#----------------------------------------------------------------------------
+# Seeds. '0-49999' is a range, commas join ranges; for `fid`, each comma-separated range is one seed set.
+
+def parse_range(text):
+    m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', text)
+    if not m:
+        raise ValueError(f'Bad seed range "{text}": use e.g. 0-49999')
+    lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+    if hi < lo:
+        raise ValueError(f'Bad seed range "{text}": end before start')
+    return list(range(lo, hi + 1))
+
+def parse_seeds(text):
+    return [s for part in text.split(',') for s in parse_range(part)]
+
+def parse_seed_sets(text):
+    return [parse_range(part) for part in text.split(',')]
+
+#----------------------------------------------------------------------------
+# Generators. A run's checkpoint rebuilds the student as edm_nets.EDMPrecond(**generator_kwargs) (the EMA
+# weights if the run kept them) wrapped in the one-step generator G(z) = D(sigma_init z; sigma_init); the
+# teacher comes from an official EDM pickle and samples with EDM's Heun sampler (Karras et al. Alg. 2).
+
+def check_file(path, what, hint):
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f'{what} "{path}" not found: {hint}')
+
+def find_checkpoint(path):
+    if os.path.isfile(path):
+        return path
+    found = sorted(glob.glob(os.path.join(path, 'checkpoint-*.pt'))) if os.path.isdir(path) else []
+    if not found:
+        raise FileNotFoundError(f'No run checkpoint at "{path}": pass a run directory holding checkpoint-<iteration>.pt files, or one such file')
+    return found[-1]
+
+def load_checkpoint(path, keys=('generator_kwargs', 'sigma_init', 'generator')):
+    path = find_checkpoint(path)
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    missing = [k for k in keys if ckpt.get(k) is None]
+    if missing:
+        raise ValueError(f'"{path}" is not an f-distill run checkpoint of an EDM generator: it has no {", ".join(missing)}')
+    ckpt['path'] = path
+    return ckpt
+
+def load_generator(ckpt, device):
+    import edm_nets
+    net = edm_nets.EDMPrecond(**ckpt['generator_kwargs'])
+    net.load_state_dict(ckpt['generator_ema'] if ckpt.get('generator_ema') is not None else ckpt['generator'])
+    return edm_nets.OneStepGenerator(net, ckpt['sigma_init']).eval().requires_grad_(False).to(device)
+
+TEACHER_HINT = 'pass the EDM .pkl the run was distilled from (e.g. edm-cifar10-32x32-cond-vp.pkl) with --teacher'
+
+def load_teacher(path, device):
+    import edm_nets
+    check_file(path, 'Teacher pickle', TEACHER_HINT)
+    return edm_nets.load_edm_pickle(path)['ema'].eval().requires_grad_(False).to(device)
+
+# Class-balanced labels: seed s gets class s % label_dim, one-hot (EDM convention); None if unconditional.
+def class_labels(seeds, label_dim, device):
+    if label_dim == 0:
+        return None
+    return torch.eye(label_dim, device=device)[torch.as_tensor(seeds, device=device) % label_dim]
+
+# A sampler maps (latents z ~ N(0, I), labels, per-seed random generator) to images in [-1, 1].
+def one_step_sampler(generator):
+    return lambda z, labels, rnd: generator(z, labels)
+
+# EDM's presets: 'cifar10' is the deterministic 18-step Heun (35 NFE), 'imagenet64' the stochastic
+# 256-step sampler of EDM Table 5; `num_steps` overrides the preset's step count.
+def teacher_sampler(teacher, preset='cifar10', num_steps=None):
+    import edm_nets
+    kwargs = dict(edm_nets.SAMPLER_PRESETS[preset])
+    if num_steps is not None:
+        kwargs['num_steps'] = num_steps
+    return lambda z, labels, rnd: edm_nets.edm_sampler(teacher, z, labels, randn_like=rnd.randn_like, **kwargs)
+
+def unwrap_net(net):
+    import training_loop
+    return training_loop.unwrap_net(net)
+
+# Seeds split across ranks in EDM's way, so every rank runs the same number of (possibly empty) batches.
+def rank_batches(seeds, batch_size):
+    world_size = get_world_size()
+    num_batches = max((len(seeds) - 1) // (batch_size * world_size) + 1, 1) * world_size
+    return [b.tolist() for b in torch.as_tensor(seeds, dtype=torch.int64).tensor_split(num_batches)[get_rank() :: world_size]]
+
+def latents(net, seeds, device):
+    import edm_nets
+    if not seeds:
+        return torch.zeros([0, net.img_channels, net.img_resolution, net.img_resolution], device=device), None
+    rnd = edm_nets.StackedRandomGenerator(device, seeds)
+    return rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device), rnd
+
+class Progress:
+    def __init__(self, total, label=''):
+        self.total, self.label, self.done = total, label, 0
+        self.start = self.last = time.time()
+
+    def update(self, n):
+        self.done = min(self.done + n * get_world_size(), self.total)
+        if time.time() - self.last > 10 or self.done == self.total:
+            self.last = time.time()
+            rate = self.done / max(self.last - self.start, 1e-9)
+            print0(f'{self.label}{self.done}/{self.total} images  {rate:.1f} images/s  ETA {(self.total - self.done) / max(rate, 1e-9):.0f} s')
+
+# One seed per image (its own latent and sampler noise): image i is the same made alone or in any batch.
+@torch.no_grad()
+def generate(sampler, net, seeds, batch_size, device, label=''):
+    net = unwrap_net(net)
+    progress = Progress(len(seeds), label)
+    for batch_seeds in rank_batches(seeds, batch_size):
+        z, rnd = latents(net, batch_seeds, device)
+        images = sampler(z, class_labels(batch_seeds, net.label_dim, device), rnd) if batch_seeds else z
+        yield batch_seeds, to_uint8(images)
+        progress.update(len(batch_seeds))
+
+#----------------------------------------------------------------------------
+# Inception statistics of generated seeds or of images on disk, accumulated over all ranks.
+
+def stats_of_seeds(sampler, net, seeds, detector, batch_size, device, keep_features, label=''):
+    stats = FeatureStats(keep_features=keep_features, device=device)
+    for _seeds, images in generate(sampler, net, seeds, batch_size, device, label):
+        if len(images):
+            stats.append(inception_features(detector, images))
+    return stats
+
+# EDM's fid.py picks a random subset of `num` images when the folder holds more.
+def select_images(path, num=None, seed=0):
+    total = len(dataset.ImageDataset(path))
+    if num is not None and total < num:
+        raise ValueError(f'Found {total} images in "{path}", but --num-images asks for {num}')
+    idx = np.arange(total)
+    if num is not None and total > num:
+        np.random.RandomState(seed % (1 << 31)).shuffle(idx)
+        idx = np.sort(idx[:num])
+    return idx.tolist()
+
+def stats_of_images(path, detector, batch_size, device, keep_features, num=None, seed=0):
+    stats = FeatureStats(keep_features=keep_features, device=device)
+    idx = select_images(path, num, seed)
+    start = time.time()
+    for images in iterate_images(path, batch_size, idx[get_rank() :: get_world_size()]):
+        stats.append(inception_features(detector, images.to(device)))
+    print0(f'{len(idx)} images from "{path}" in {time.time() - start:.0f} s')
+    return stats
+
+#----------------------------------------------------------------------------
+# CLIP score: mean cosine similarity between CLIP image and text embeddings of each image and its caption
+# (raw cosine, as Table 4 reports 0.29-0.31), with a local CLIP model folder (transformers format).
+
+def check_clip_model(path):
+    if not path or not os.path.isfile(os.path.join(path, 'config.json')):
+        raise FileNotFoundError(f'CLIP model folder "{path}" not found (no config.json): pass a local transformers CLIP model folder with --clip-model')
+
+def read_captions(path):
+    check_file(path, 'Captions file', 'pass a text file with one caption per line, line i for image i (sorted file order)')
+    with open(path, encoding='utf-8') as f:
+        return f.read().splitlines()
+
+@torch.no_grad()
+def clip_score(images_path, captions, model_path, batch_size, device):
+    from transformers import CLIPModel, CLIPProcessor
+    check_clip_model(model_path)
+    model = CLIPModel.from_pretrained(model_path, local_files_only=True).eval().to(device)
+    processor = CLIPProcessor.from_pretrained(model_path, local_files_only=True)
+    files = dataset.ImageDataset(images_path)
+    if len(captions) < len(files):
+        raise ValueError(f'{len(files)} images but only {len(captions)} captions: CLIP score pairs image i with caption i')
+    idx = list(range(len(files)))[get_rank() :: get_world_size()]
+    total = torch.zeros([2], dtype=torch.float64, device=device)
+    for begin in range(0, len(idx), batch_size):
+        batch = idx[begin : begin + batch_size]
+        images = [PIL.Image.fromarray(files.image(i).squeeze(2) if files.channels == 1 else files.image(i)).convert('RGB') for i in batch]
+        inputs = processor(text=[captions[i] for i in batch], images=images, return_tensors='pt', padding=True, truncation=True, max_length=77)
+        out = model(**{k: v.to(device) for k, v in inputs.items()})
+        cosine = (out.image_embeds * out.text_embeds).sum(-1)      # both L2-normalised by CLIPModel
+        total += torch.stack([cosine.double().sum(), torch.tensor(len(batch), dtype=torch.float64, device=device)])
+    total = fdistill.all_reduce(total)
+    return float(total[0] / total[1])
+
+#----------------------------------------------------------------------------
+# Latency (Table 4): seconds per image at batch 1, after warm-up, synchronising the GPU around the clock.
+
+@torch.no_grad()
+def latency(sampler, net, device, warmup=5, repeats=20):
+    net = unwrap_net(net)
+    z, rnd = latents(net, [0], device)
+    labels = class_labels([0], net.label_dim, device)
+    for _ in range(warmup):
+        sampler(z, labels, rnd)
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        sampler(z, labels, rnd)
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+#----------------------------------------------------------------------------
+# Fig. 5 (Sec. 5.2): for generated samples y = G(z), the normalised weight h of the run's f and the squared
+# score difference ||s_teacher(x; sigma) - s_fake(x; sigma)||^2 at x = y + sigma eps, sigma drawn as in
+# training. Sorted by the score difference, h should fall where the teacher is unreliable (non-mode-seeking f).
+
+RUN_KEYS = ('generator_kwargs', 'sigma_init', 'generator', 'fake_score', 'head', 'head_kwargs', 'options')
+OPTION_KEYS = ('f', 'r_min', 'r_max', 'num_bins', 'disc_res')
+
+@torch.no_grad()
+def weight_diagnostic(ckpt, teacher, seeds, batch_size, device):
+    import edm_nets
+    opts = ckpt['options']
+    generator = load_generator(ckpt, device)
+    fake_score = edm_nets.EDMPrecond(**ckpt['generator_kwargs'])
+    fake_score.load_state_dict(ckpt['fake_score'])
+    fake_score.eval().requires_grad_(False).to(device)
+    head = fdistill.DiscriminatorHead(**ckpt['head_kwargs'])
+    head.load_state_dict(ckpt['head'])
+    head.eval().requires_grad_(False).to(device)
+    levels = fdistill.karras_sigmas(1000, 0.002, 80)                 # as train_edm.py: DMD2's 1000 levels
+    edges = fdistill.sigma_bin_edges(levels, opts['num_bins'])
+    rows = []
+    progress = Progress(len(seeds), 'weights ')
+    for batch_seeds in rank_batches(seeds, batch_size):
+        if not batch_seeds:
+            continue
+        z, rnd = latents(generator.net, batch_seeds, device)
+        labels = class_labels(batch_seeds, generator.net.label_dim, device)
+        y = generator(z, labels)                                                        # Alg. 1 line 4
+        sigma = torch.cat([fdistill.sample_sigma(levels, 1, generator=torch.Generator().manual_seed(s)) for s in batch_seeds]).to(device)
+        x_t = y + sigma.reshape(-1, 1, 1, 1) * rnd.randn_like(y)                         # Eq. 4
+        D_teacher, features = teacher.forward_features(x_t, sigma, labels, opts['disc_res'])
+        D_fake = fake_score(x_t, sigma, labels)
+        score_diff = ((D_teacher - D_fake) / sigma.reshape(-1, 1, 1, 1) ** 2).square().flatten(1).sum(1)   # EDM Eq. 3
+        logits = head(features)
+        rows.append(torch.stack([torch.as_tensor(batch_seeds, device=device).double(), sigma.double(), logits.double(), score_diff.double()], 1))
+        progress.update(len(batch_seeds))
+    rows = torch.cat(rows) if rows else torch.zeros([0, 4], dtype=torch.float64, device=device)
+    # Alg. 1 lines 6-9 on all N samples at once: ratio, per-bin stage 1, batch-mean stage 2 (global over ranks).
+    h, stats = fdistill.weights(rows[:, 2].float(), rows[:, 1].float(), fdistill.divergence(opts['f']), opts['r_min'], opts['r_max'], edges)
+    rows = gather_rows(torch.cat([rows, fdistill.ratio(rows[:, 2], opts['r_min'], opts['r_max'])[:, None].double(), h[:, None].double()], 1))
+    rows = rows[rows[:, 3].argsort()].cpu().numpy()
+    table = dict(zip(('seed', 'sigma', 'logit', 'score_diff', 'r', 'h'), rows.T.tolist()))
+    table['seed'] = [int(s) for s in table['seed']]
+    return table, stats
+
+def plot_weights(table, f_name, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    n = len(table['h'])
+    window = max(n // 50, 1)
+    smooth = np.convolve(table['h'], np.ones(window) / window, mode='valid')
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.semilogy(table['score_diff'], color='tab:red', label='score difference')
+    ax.set_xlabel('sample index (sorted by score difference)')
+    ax.set_ylabel(r'$\|s_\phi - s_\psi\|^2$', color='tab:red')
+    ax2 = ax.twinx()
+    ax2.plot(table['h'], '.', markersize=2, alpha=0.3, color='tab:blue')
+    ax2.plot(np.arange(len(smooth)) + window // 2, smooth, color='tab:blue', label=f'h (moving mean of {window})')
+    ax2.set_ylabel('normalised h', color='tab:blue')
+    ax.set_title(f'{f_name}: normalised h vs score difference, {n} samples (Fig. 5)')
+    ax2.legend(handles=[*ax.get_lines(), ax2.get_lines()[1]], loc='upper left', fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+#----------------------------------------------------------------------------
+# Command line. Every input is checked before any network runs; errors are one line.
+
+def write_json(path, data):
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(data, f, indent=2)
+    os.replace(path + '.tmp', path)
+
+def check_source(args):
+    if (args.ckpt is None) == (args.teacher is None):
+        raise ValueError('pass exactly one of --ckpt (a run\'s one-step generator) or --teacher (the EDM teacher with its sampler)')
+    if args.teacher is not None:
+        check_file(args.teacher, 'Teacher pickle', TEACHER_HINT)
+    return load_checkpoint(args.ckpt) if args.ckpt is not None else None
+
+def load_source(args, ckpt, device):
+    if ckpt is not None:
+        net = load_generator(ckpt, device)
+        return one_step_sampler(net), net
+    net = load_teacher(args.teacher, device)
+    return teacher_sampler(net, args.sampler, args.steps), net
+
+def cmd_generate(args):
+    ckpt = check_source(args)
+    seeds = parse_seeds(args.seeds)
+    device = init_distributed()
+    sampler, net = load_source(args, ckpt, device)
+    to_zip = args.outdir.lower().endswith('.zip')
+    writer = ImageWriter(args.outdir) if get_rank() == 0 or not to_zip else None
+    for batch_seeds, images in generate(sampler, net, seeds, args.batch, device):
+        if to_zip:                                          # one zip: rank 0 writes every rank's images
+            batch_seeds = gather_rows(torch.as_tensor(batch_seeds, dtype=torch.int64, device=device)).tolist()
+            images = gather_rows(images)
+        if writer is not None:
+            for seed, image in zip(batch_seeds, images):
+                writer.write(seed, image)
+    if writer is not None:
+        writer.close()
+    print0(f'Wrote {len(seeds)} images to "{args.outdir}"')
+
+def cmd_ref(args):
+    check_detector(args.detector)
+    num = len(dataset.ImageDataset(args.data))
+    if num < 2:
+        raise ValueError(f'"{args.data}" holds {num} image; statistics need at least 2')
+    device = init_distributed()
+    detector = load_detector(args.detector, device)
+    stats = stats_of_images(args.data, detector, args.batch, device, keep_features=not args.no_features)
+    mu, sigma = stats.mu_sigma()
+    features = None if args.no_features else stats.all_features().cpu().numpy()
+    if get_rank() == 0:
+        save_ref(args.dest, mu, sigma, features)
+    print0(f'Saved reference statistics of {num} images to "{args.dest}"')
+
+def cmd_fid(args):
+    pr = not args.no_pr
+    need = args.k + 1 if pr else 2
+    what = f'precision/recall with k={args.k}' if pr else 'FID'
+    check_detector(args.detector)
+    if args.images is not None:
+        if args.ckpt is not None or args.teacher is not None:
+            raise ValueError('pass one of --ckpt, --teacher or --images')
+        num_images = len(dataset.ImageDataset(args.images))
+        if num_images < args.num_images:
+            raise ValueError(f'found {num_images} images in "{args.images}", but --num-images asks for {args.num_images}')
+        ckpt, seed_sets = None, [None]
+    else:
+        ckpt = check_source(args)
+        seed_sets = parse_seed_sets(args.seeds) if args.seeds else [list(range(i * args.num_images, (i + 1) * args.num_images)) for i in range(args.repeats)]
+    size = min(args.num_images if s is None else len(s) for s in seed_sets)
+    if size < need:
+        raise ValueError(f'each sample set needs at least {need} images for {what}, got {size}')
+    if args.ref.lower().endswith('.npz'):
+        ref = load_ref(args.ref, need_features=pr)
+        num_ref = len(ref['features']) if pr else 2
+    else:
+        ref, num_ref = None, len(dataset.ImageDataset(args.ref))
+    if num_ref < need:
+        raise ValueError(f'reference "{args.ref}" has {num_ref} images/feature vectors; {what} needs at least {need}')
+
+    device = init_distributed()
+    detector = load_detector(args.detector, device)
+    if ref is None:
+        stats = stats_of_images(args.ref, detector, args.batch, device, keep_features=pr)
+        mu, sigma = stats.mu_sigma()
+        ref = dict(mu=mu, sigma=sigma, features=stats.all_features() if pr else None)
+    real_features = torch.as_tensor(ref['features'], device=device) if pr else None
+    if args.images is None:
+        sampler, net = load_source(args, ckpt, device)
+    results = []
+    for i, seeds in enumerate(seed_sets):
+        if seeds is None:
+            stats = stats_of_images(args.images, detector, args.batch, device, keep_features=pr, num=args.num_images, seed=args.seed)
+        else:
+            stats = stats_of_seeds(sampler, net, seeds, detector, args.batch, device, keep_features=pr, label=f'[set {i + 1}/{len(seed_sets)}] ')
+        num, (mu, sigma) = stats.total(), stats.mu_sigma()             # collectives: every rank
+        fake_features = stats.all_features() if pr else None
+        if get_rank() == 0:
+            result = dict(seeds=f'{seeds[0]}-{seeds[-1]}' if seeds else None, num=num, fid=frechet_distance(mu, sigma, ref['mu'], ref['sigma']))
+            if pr:
+                result['precision'], result['recall'] = precision_recall(real_features, fake_features, args.k)
+            print0('  '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in result.items()))
+            results.append(result)
+    if get_rank() == 0:
+        summary = {m: dict(min=min(r[m] for r in results), mean=float(np.mean([r[m] for r in results])))
+                   for m in ('fid', 'precision', 'recall') if m in results[0]}
+        source = ckpt['path'] if ckpt is not None else (args.teacher or args.images)
+        sampler_info = dict(preset=args.sampler, steps=args.steps) if args.teacher else None
+        write_json(args.report, dict(source=source, teacher_sampler=sampler_info, ref=args.ref, k=args.k, sets=results, summary=summary))
+        print0(f'FID min {summary["fid"]["min"]:.4f} mean {summary["fid"]["mean"]:.4f} over {len(results)} set(s); wrote "{args.report}"')
+
+def cmd_clip(args):
+    num = len(dataset.ImageDataset(args.images))
+    check_clip_model(args.clip_model)
+    captions = read_captions(args.captions)
+    if len(captions) < num:
+        raise ValueError(f'{num} images but {len(captions)} captions in "{args.captions}": image i (sorted file order) needs caption line i')
+    device = init_distributed()
+    score = clip_score(args.images, captions, args.clip_model, args.batch, device)
+    print0(f'CLIP score {score:.4f} over {num} images')
+    if get_rank() == 0 and args.report:
+        write_json(args.report, dict(images=args.images, captions=args.captions, clip_model=args.clip_model, num=num, clip_score=score))
+
+def cmd_latency(args):
+    ckpt = load_checkpoint(args.ckpt) if args.ckpt else None
+    teacher_path = args.teacher or (ckpt or {}).get('options', {}).get('teacher')
+    check_file(teacher_path, 'Teacher pickle', TEACHER_HINT)
+    device = init_distributed()
+    report = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu', batch=1)
+    if ckpt is not None:
+        generator = load_generator(ckpt, device)
+        report['one_step_seconds'] = latency(one_step_sampler(generator), generator, device, args.warmup, args.repeats)
+    teacher = load_teacher(teacher_path, device)
+    report.update(teacher_sampler=args.sampler, teacher_steps=args.steps or edm_steps(args.sampler))
+    report['teacher_seconds'] = latency(teacher_sampler(teacher, args.sampler, args.steps), teacher, device, args.warmup, args.repeats)
+    print0('  '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in report.items()))
+    if args.report and get_rank() == 0:
+        write_json(args.report, report)
+
+def edm_steps(preset):
+    import edm_nets
+    return edm_nets.SAMPLER_PRESETS[preset]['num_steps']
+
+def cmd_weights(args):
+    ckpt = load_checkpoint(args.ckpt, RUN_KEYS)
+    missing = [k for k in OPTION_KEYS if k not in ckpt['options']]
+    if missing:
+        raise ValueError(f'"{ckpt["path"]}" options lack {", ".join(missing)}: not a checkpoint of training_loop.py')
+    teacher_path = args.teacher or ckpt['options'].get('teacher')
+    check_file(teacher_path, 'Teacher pickle', TEACHER_HINT)
+    if args.num_images < 2:
+        raise ValueError(f'--num-images {args.num_images}: the diagnostic needs at least 2 samples')
+    outdir = args.outdir or os.path.dirname(ckpt['path'])
+    device = init_distributed()
+    if args.num_images < get_world_size():
+        raise ValueError(f'--num-images {args.num_images}: every one of the {get_world_size()} processes needs a sample')
+    teacher = load_teacher(teacher_path, device)
+    teacher.use_fp16 = False                                # as in training (train_edm.py)
+    table, stats = weight_diagnostic(ckpt, teacher, list(range(args.seed, args.seed + args.num_images)), args.batch, device)
+    if get_rank() == 0:
+        os.makedirs(outdir, exist_ok=True)
+        name = os.path.splitext(os.path.basename(ckpt['path']))[0]
+        f_name = fdistill.divergence(ckpt['options']['f']).name
+        plot_weights(table, f_name, os.path.join(outdir, f'weights-{name}.png'))
+        corr = float(np.corrcoef(np.log(np.maximum(table['score_diff'], 1e-30)), table['h'])[0, 1])
+        write_json(os.path.join(outdir, f'weights-{name}.json'), dict(checkpoint=ckpt['path'], f=ckpt['options']['f'], num=args.num_images,
+            corr_h_log_score_diff=corr, stats=stats, samples_sorted_by_score_diff=table))
+        print0(f'{f_name}: corr(h, log score difference) = {corr:.3f}; wrote {os.path.join(outdir, f"weights-{name}.png")} and .json')
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Evaluate f-distill generators: images, FID, precision/recall, CLIP score, latency, Fig. 5.')
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    def source(p, teacher_help='EDM teacher .pkl: evaluate the teacher with its sampler instead of a run'):
+        p.add_argument('--ckpt', help='Run directory (its latest checkpoint-*.pt) or one checkpoint file')
+        p.add_argument('--teacher', help=teacher_help)
+        p.add_argument('--sampler', default='cifar10', choices=['cifar10', 'imagenet64'], help="Teacher sampler preset: EDM's 18-step Heun (35 NFE) or ImageNet's 256-step stochastic one")
+        p.add_argument('--steps', type=int, default=None, help='Teacher sampler steps, overriding the preset')
+
+    p = sub.add_parser('generate', help='Write images of seeds to a PNG folder or .zip')
+    source(p)
+    p.add_argument('--outdir', required=True, help='Output folder, or a path ending in .zip; files are <seed>.png')
+    p.add_argument('--seeds', default='0-63', help='Seeds, e.g. 0-49999 or 0-9,100-109')
+    p.add_argument('--batch', type=int, default=64, help='Images per batch and GPU')
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser('ref', help='Reference statistics of a dataset: EDM .npz (mu, sigma) plus features for precision/recall')
+    p.add_argument('--data', required=True, help='Dataset folder or .zip of PNGs (EDM dataset_tool layout)')
+    p.add_argument('--dest', required=True, help='Output .npz')
+    p.add_argument('--detector', required=True, help="NVIDIA's inception-2015-12-05.pt (TorchScript)")
+    p.add_argument('--no-features', action='store_true', help='Store only mu and sigma (no precision/recall later)')
+    p.add_argument('--batch', type=int, default=64, help='Images per batch and GPU')
+    p.set_defaults(func=cmd_ref)
+
+    p = sub.add_parser('fid', help='FID and precision/recall of a run, a teacher or an image folder against a reference')
+    source(p)
+    p.add_argument('--images', help='A folder/.zip of images to evaluate instead of generating')
+    p.add_argument('--ref', required=True, help='Reference .npz (EDM format; with features for precision/recall) or a dataset folder/.zip')
+    p.add_argument('--detector', required=True, help="NVIDIA's inception-2015-12-05.pt (TorchScript)")
+    p.add_argument('--num-images', type=int, default=50000, help='Images per set (50k for Tables 2-3)')
+    p.add_argument('--repeats', type=int, default=1, help='Seed sets 0..num-1, num..2num-1, ...; the literature reports the min of 3')
+    p.add_argument('--seeds', help='Explicit seed sets, one per comma, e.g. 0-49999,50000-99999 (overrides --num-images/--repeats)')
+    p.add_argument('--seed', type=int, default=0, help='With --images: which random subset of --num-images images when the folder holds more')
+    p.add_argument('--k', type=int, default=3, help='Neighbourhood size of precision/recall (Kynkaenniemi et al.: 3)')
+    p.add_argument('--no-pr', action='store_true', help='FID only (e.g. against an EDM .npz without features)')
+    p.add_argument('--report', default='metrics.json', help='Output JSON: every set, and min/mean over sets')
+    p.add_argument('--batch', type=int, default=64, help='Images per batch and GPU')
+    p.set_defaults(func=cmd_fid)
+
+    p = sub.add_parser('clip', help='CLIP score (mean cosine of image and caption embeddings, Table 4)')
+    p.add_argument('--images', required=True, help='Folder/.zip of images; the i-th file in sorted order goes with caption line i')
+    p.add_argument('--captions', required=True, help='Text file, one caption per line')
+    p.add_argument('--clip-model', required=True, help='Local transformers CLIP model folder (config.json, weights, tokenizer, preprocessor)')
+    p.add_argument('--report', default=None, help='Output JSON')
+    p.add_argument('--batch', type=int, default=32, help='Images per batch and GPU')
+    p.set_defaults(func=cmd_clip)
+
+    p = sub.add_parser('latency', help='Seconds per image at batch 1: one-step generator vs teacher sampler (Table 4)')
+    source(p, teacher_help="EDM teacher .pkl (default: the run's options['teacher'])")
+    p.add_argument('--warmup', type=int, default=5, help='Untimed calls first')
+    p.add_argument('--repeats', type=int, default=20, help='Timed calls, averaged')
+    p.add_argument('--report', default=None, help='Output JSON')
+    p.set_defaults(func=cmd_latency)
+
+    p = sub.add_parser('weights', help='Fig. 5: normalised h and score difference of N generated samples, sorted')
+    p.add_argument('--ckpt', required=True, help='Run directory (its latest checkpoint-*.pt) or one checkpoint file')
+    p.add_argument('--teacher', help="EDM teacher .pkl (default: the run's options['teacher'])")
+    p.add_argument('--num-images', type=int, default=6400, help='Generated samples (6.4k in Fig. 5)')
+    p.add_argument('--seed', type=int, default=0, help='First seed')
+    p.add_argument('--outdir', default=None, help='Where weights-<checkpoint>.png/.json go (default: the run directory)')
+    p.add_argument('--batch', type=int, default=64, help='Samples per batch and GPU')
+    p.set_defaults(func=cmd_weights)
+    return parser.parse_args(argv)
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f'evaluate.py {args.command}: {e}') from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+if __name__ == '__main__':
+    main()
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,181 @@
+"""f-distill of Stable Diffusion v1.5 into a one-step text-to-image generator (Table 5, COYO-700M column).
+
+    torchrun --nproc_per_node=8 train_t2i.py --f js --sd stable-diffusion-v1-5/ \\
+        --data captions.jsonl --outdir runs/sd15-js --bf16 --grad-ckpt
+
+Algorithm 1 in SD's latent space. The UNets speak EDM's denoiser convention through sd_unet.sd_denoiser,
+so the loop, losses and checkpoints are those of train_cifar.py / train_imagenet.py (training_loop.py).
+The paper warms the discriminator up from a reverse-KL run before switching to JS (Sec. 5.1):
+run `--f rkl` first, then `--f js --init-from <that run>/checkpoint-XXXXXXX.pt`.
+"""
+
+import copy
+import csv
+import json
+import os
+
+import numpy as np
+import PIL.Image
+import torch
+
+import fdistill
+import sd_unet
+import training_loop
+
+PRESET = dict(
+    outdir      = 'runs/sd15',
+    f           = 'js',             # Best MS-COCO FID in Table 4 (JS, 7.42 at CFG 1.75).
+    batch       = 1024,             # Table 5.
+    tau         = 10,
+    w_gan       = 1e-3,
+    disc_res    = '8',              # The teacher's mid-block output, 1280 x 8 x 8 for 64 x 64 latents.
+    iterations  = 60000,
+    lr          = 1e-5,
+    r1_gamma    = 1.0,
+    snap_every  = 500,
+)
+
+def add_t2i_args(p):
+    p.add_argument('--sd',              default=None,               help='Local diffusers-format SD v1.5 folder (unet/, vae/, text_encoder/, tokenizer/)')
+    p.add_argument('--data',            default=None,               help='Image-caption pairs: a .jsonl ({"image", "caption"}), a .csv (image,caption) or a folder of images with .txt captions')
+    p.add_argument('--cfg',             default=1.75, type=float,   help='Classifier-free guidance of the teacher denoiser (Table 5)')
+    p.add_argument('--resolution',      default=512, type=int,      help='Image resolution; latents are resolution / 8')
+    p.add_argument('--sigma-data',      default=1.0, type=float,    help='sigma_data of the DSM weighting; scaled SD latents have about unit std')
+    p.add_argument('--grad-ckpt',       action='store_true',        help='Gradient checkpointing in all three UNets')
+    p.add_argument('--encode-batch',    default=16, type=int,       help='Images per VAE call when caching latents')
+
+#----------------------------------------------------------------------------
+# Image-caption pairs from local disk, validated before any compute.
+
+def read_pairs(path):
+    if path is None or not os.path.exists(path):
+        raise FileNotFoundError(f'--data not found: {path} (a .jsonl of {{"image", "caption"}}, a .csv with image,caption columns, or a folder of images with .txt captions)')
+    root = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        images = sorted(f for f in os.listdir(path) if f.lower().endswith(('.png', '.jpg', '.jpeg', '.webp')))
+        pairs = []
+        for f in images:
+            txt = os.path.join(path, os.path.splitext(f)[0] + '.txt')
+            if not os.path.isfile(txt):
+                raise FileNotFoundError(f'Caption file missing: {txt} (each image in {path} needs a .txt caption beside it)')
+            pairs.append((f, open(txt, encoding='utf-8').read().strip()))
+    elif path.endswith('.jsonl'):
+        rows = [json.loads(line) for line in open(path, encoding='utf-8') if line.strip()]
+        pairs = [(row.get('image', row.get('file_name')), row.get('caption', row.get('text'))) for row in rows]
+    elif path.endswith('.csv'):
+        with open(path, newline='', encoding='utf-8') as f:
+            pairs = [(row['image'], row['caption']) for row in csv.DictReader(f)]
+    else:
+        raise ValueError(f'--data {path}: expected a .jsonl, a .csv or a folder')
+    if not pairs:
+        raise ValueError(f'--data {path} holds no image-caption pairs')
+    pairs = [(os.path.join(root, image) if image else image, caption) for image, caption in pairs]
+    for image, caption in pairs:
+        if not image or caption is None or not os.path.isfile(image):
+            raise FileNotFoundError(f'--data {path}: image {image!r} with caption {caption!r} not found')
+    return pairs
+
+def load_image(path, resolution):
+    image = PIL.Image.open(path).convert('RGB')
+    scale = resolution / min(image.size)                          # Resize the short side, centre crop.
+    image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))), PIL.Image.BICUBIC)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    image = np.array(image.crop((left, top, left + resolution, top + resolution)))
+    return torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
+
+# The real latents, VAE-encoded once into <outdir>/latents-<resolution>.npy (memory-mapped; each process
+# encodes its share) and reused by later runs and resumes.
+def cached_latents(opts, pairs, vae, latent_shape, device, rank, world):
+    path = os.path.join(opts.outdir, f'latents-{opts.resolution}.npy')
+    shape = (len(pairs),) + tuple(latent_shape)
+    if not os.path.isfile(path):
+        if rank == 0:
+            os.makedirs(opts.outdir, exist_ok=True)
+            np.lib.format.open_memmap(path + '.tmp', mode='w+', dtype=np.float16, shape=shape).flush()
+        barrier()
+        cache = np.lib.format.open_memmap(path + '.tmp', mode='r+')
+        mine = np.arange(rank, len(pairs), world)
+        for chunk in np.array_split(mine, max(1, len(mine) // opts.encode_batch)):
+            images = torch.stack([load_image(pairs[i][0], opts.resolution) for i in chunk])
+            cache[chunk] = sd_unet.vae_encode(vae, images.to(device)).float().cpu().numpy()
+        cache.flush()
+        del cache
+        barrier()
+        if rank == 0:
+            os.replace(path + '.tmp', path)
+        barrier()
+    cache = np.load(path, mmap_mode='r')
+    if cache.shape != shape:
+        raise ValueError(f'{path} holds latents of shape {cache.shape}, expected {shape}; delete it to re-encode --data')
+    return cache
+
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+#----------------------------------------------------------------------------
+# The UNets as EDM denoisers; `net` is what checkpoints store (training_loop.unwrap_net).
+
+class Denoiser(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.net = unet
+
+    def forward(self, x, sigma, ctx):
+        return sd_unet.sd_denoiser(self.net, ctx)(x, sigma)
+
+class Generator(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.net = sd_unet.SDGenerator(unet)
+
+    def forward(self, z, ctx):
+        return self.net(z, ctx)
+
+def build_task(opts, device, rank, world):
+    if opts.sd is None:
+        raise ValueError('--sd is required: a local diffusers-format SD v1.5 folder')
+    pairs = read_pairs(opts.data)
+    sd = sd_unet.load_sd(opts.sd, device)
+    channels = sd['unet_config'].get('block_out_channels', (320, 640, 1280, 1280))
+    latent_res = opts.resolution // 2 ** (len(sd['vae'].config.block_out_channels) - 1)       # 512 -> 64 for SD v1.5
+    mid_res = latent_res // 2 ** (len(channels) - 1)                                          # 64 -> 8
+    if opts.disc_res != [mid_res]:
+        raise ValueError(f'--disc-res {opts.disc_res[0]}: the discriminator reads the mid block, {mid_res}x{mid_res} at --resolution {opts.resolution}')
+    teacher_unet = sd['unet'].eval().requires_grad_(False)
+    teacher_unet.gradient_checkpointing = opts.grad_ckpt
+    latents = cached_latents(opts, pairs, sd['vae'], (sd['vae'].config.latent_channels, latent_res, latent_res), device, rank, world)
+    uncond = sd_unet.encode_prompts(sd['tokenizer'], sd['text_encoder'], [''])
+    generator = Generator(trainable_copy(teacher_unet, opts.grad_ckpt))
+    fake_score = Denoiser(trainable_copy(teacher_unet, opts.grad_ckpt))
+    head_kwargs = dict(channels=[channels[-1]], resolutions=opts.disc_res)
+
+    def teacher(x, sigma, ctx):                 # CFG teacher (App. D.5); features of the conditional pass
+        D_x, features = sd_unet.sd_denoiser(teacher_unet, ctx, uncond, opts.cfg)(x, sigma, return_features=True)
+        return D_x, [features['mid']]
+
+    def cond(indices):
+        return sd_unet.encode_prompts(sd['tokenizer'], sd['text_encoder'], [pairs[i][1] for i in indices]).to(device)
+
+    def to_images(y):
+        return ((sd_unet.vae_decode(sd['vae'], y.float()) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+    return training_loop.Task(
+        generator=generator, fake_score=fake_score, head=fdistill.DiscriminatorHead(**head_kwargs),
+        teacher=teacher, cond=cond, num_real=len(pairs), z_shape=tuple(latents.shape[1:]),
+        real=lambda indices: torch.from_numpy(np.stack([latents[i] for i in indices])).float().to(device),
+        to_images=to_images, sigma_levels=sd_unet.SIGMAS.float(), sigma_data=opts.sigma_data,
+        meta=dict(sd=os.path.abspath(opts.sd), unet_config=sd['unet_config'], head_kwargs=head_kwargs, cfg=opts.cfg),
+        captions=lambda indices: [pairs[i][1] for i in indices])
+
+def trainable_copy(unet, grad_ckpt):
+    unet = copy.deepcopy(unet).train().requires_grad_(True)
+    unet.gradient_checkpointing = grad_ckpt
+    return unet
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    training_loop.main(training_loop.parse_args(__doc__, PRESET, add_t2i_args), build_task)
+
+#----------------------------------------------------------------------------
