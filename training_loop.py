@@ -147,6 +147,13 @@ class Run:
             with open(os.path.join(self.outdir, 'stats.jsonl'), 'a') as f:
                 f.write(json.dumps(stats) + '\n')
 
+    # A killed run may have logged past its last checkpoint; a resume drops those lines.
+    def truncate_stats(self, iteration):
+        path = os.path.join(self.outdir, 'stats.jsonl')
+        if self.rank == 0 and os.path.isfile(path):
+            lines = [line for line in open(path) if json.loads(line)['iteration'] <= iteration]
+            atomic_write(path, lambda f: f.write(''.join(lines).encode()))
+
     def checkpoints(self):
         return sorted(glob.glob(os.path.join(self.outdir, 'checkpoint-*.pt')))
 
@@ -206,6 +213,8 @@ def training_loop(opts, task, rank, world, device):
     start, nan_total = 0, 0
 
     # Resume exactly, or warm start from another run.
+    if run.checkpoints() and not opts.resume and not opts.benchmark:
+        raise FileExistsError(f'{opts.outdir} already holds a run: pass --resume to continue it, or a new --outdir')
     if opts.resume:
         path = opts.resume if opts.resume != 'latest' else (run.checkpoints() or [None])[-1]
         if path is None:
@@ -217,6 +226,7 @@ def training_loop(opts, task, rank, world, device):
         if ema is not None:
             unwrap_net(ema).load_state_dict(state['generator_ema'])
         start, nan_total = state['iteration'], state['nan_total']
+        run.truncate_stats(start)
         run.log(f'Resumed from {path} at iteration {start}')
     elif opts.init_from:
         state = load_checkpoint(opts.init_from)
@@ -398,7 +408,8 @@ def memory_gb(device):
 
 # Seconds per generator step (f-distill and reverse-KL on the same model) and per critic step.
 # The ratio of the two generator steps is the price of the weighting: logits are computed anyway.
-# f and reverse-KL steps alternate and medians are reported, so drift in machine load cancels.
+# f and reverse-KL steps alternate and medians are reported, so drift in machine load cancels; critic
+# steps run apart, since what a step follows (e.g. R1's large buffers being freed) changes its time.
 def benchmark(opts, run, generator_step, critic_step, device, world):
     def timed(fn):
         if device.type == 'cuda':
@@ -409,10 +420,15 @@ def benchmark(opts, run, generator_step, critic_step, device, world):
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
     div_f, div_rkl = fdistill.divergence(opts.f), fdistill.divergence('rkl')
-    generator_step(0, div_f), generator_step(0, div_rkl), critic_step(1)                 # Warm-up.
-    times = np.array([[timed(lambda: generator_step(i, div_f)), timed(lambda: generator_step(i, div_rkl)),
-                       timed(lambda: critic_step(i))] for i in range(1, opts.benchmark + 1)])
-    t_f, t_rkl, t_c = np.median(times, axis=0)
+    n = opts.benchmark
+    generator_step(0, div_f), generator_step(0, div_rkl)                                # Warm-up.
+    t_f, t_rkl = [], []
+    for i in range(1, n + 1):                   # ABBA order: neither kind always runs first.
+        for div, times in ((div_f, t_f), (div_rkl, t_rkl))[::1 if i % 2 else -1]:
+            times.append(timed(lambda: generator_step(i, div)))
+    critic_step(1)
+    t_c = [timed(lambda: critic_step(i)) for i in range(2, n + 2)]
+    t_f, t_rkl, t_c = np.median(t_f), np.median(t_rkl), np.median(t_c)
     t_it = (t_f + (opts.tau - 1) * t_c) / opts.tau
     result = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu', world_size=world,
                   batch=opts.batch, bf16=opts.bf16, f=opts.f, steps=opts.benchmark, sec_generator_step=t_f,

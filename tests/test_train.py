@@ -86,11 +86,16 @@ def test_torchrun_two_processes_end_to_end_and_equal_to_one_process(files, strai
 
 def test_resume_equals_straight_run(files, straight, tmp_path):
     train(files, tmp_path, '--iterations', '4', '--ema-halflife-kimg', '0.01')
+    for it in (3, 4):                   # Killed after logging iteration 4 but before checkpointing 3 and 4.
+        os.remove(tmp_path / f'checkpoint-{it:07d}.pt')
     train(files, tmp_path, '--iterations', '7', '--ema-halflife-kimg', '0.01', '--resume')
     a, b = load(straight, 7), load(tmp_path, 7)
     for key in ('generator', 'generator_ema', 'fake_score', 'head'):
         assert_same(a[key], b[key], atol=0)
     assert 'Resumed from' in open(tmp_path / 'log.txt').read()
+    assert [json.loads(line)['iteration'] for line in open(tmp_path / 'stats.jsonl')] == list(range(1, 8))
+    again = train(files, tmp_path, '--iterations', '8', check=False)     # no --resume: refuse to overwrite
+    assert 'already holds a run' in again.stderr.strip().splitlines()[-1]
 
 def test_schedule_follows_algorithm1(files, straight):
     # tau = 5: iterations 0 and 5 update only the generator; 1-4 and 6 only the fake score and the head.
@@ -126,7 +131,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(files, tmp_path):
     opts = training_loop.parse_args('test', train_cifar.PRESET, train_edm.add_edm_args, [
         '--teacher', str(files / 'teacher.pkl'), '--data', str(files / 'data.zip'), '--outdir', str(tmp_path),
         '--batch', '8', '--disc-res', '8', '--grid', '4', '--iterations', '10', '--ckpt-every', '1', '--log-every', '1', '--max-nan', '3'])
-    task = train_edm.build_task(opts, train_cifar.PRESET, torch.device('cpu'))
+    task = train_edm.build_task(opts, train_cifar.PRESET, torch.device('cpu'), 0, 1)
     task.real = lambda indices: torch.full((len(indices), 3, 8, 8), float('nan'))     # every critic loss NaN
     with pytest.raises(RuntimeError, match='3 non-finite losses in a row at iteration 3'):
         training_loop.training_loop(opts, task, 0, 1, torch.device('cpu'))
