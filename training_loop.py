@@ -11,7 +11,6 @@ import gc
 import glob
 import json
 import os
-import re
 import resource
 import time
 from dataclasses import dataclass, field

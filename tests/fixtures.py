@@ -9,6 +9,8 @@ import zipfile
 
 import numpy as np
 import PIL.Image
+import pytest
+import torch
 
 import edm_nets
 
@@ -16,42 +18,54 @@ import edm_nets
 HOSTILE_SRC = "raise RuntimeError('module_src was executed')\n"
 
 #----------------------------------------------------------------------------
-# EDM pickles every network class of training/networks.py through torch_utils.persistence: the
-# object reduces to _reconstruct_persistent_obj(meta), meta = {type, version, module_src, class_name,
-# state}, with state the object's __dict__ (nested networks reduce the same way).
+# Official EDM pickle format, written here without EDM's code: each network is a reduce call to
+# torch_utils.persistence._reconstruct_persistent_obj(meta), meta = {type, version, module_src,
+# class_name, state}; tensors go through torch's own pickling (torch._utils._rebuild_*,
+# torch.storage._load_from_bytes); numpy scalars under the numpy 1 name numpy.core.multiarray.scalar;
+# dataset_kwargs as dnnlib.util.EasyDict.
 
-def _reconstruct_persistent_obj(meta):
-    raise RuntimeError('only used as a name while pickling')
+def fake_global(monkeypatch, qualname, obj):
+    module_name, name = qualname.rsplit('.', 1)
+    parts = module_name.split('.')
+    for i in range(1, len(parts)):
+        if '.'.join(parts[:i]) not in sys.modules:
+            monkeypatch.setitem(sys.modules, '.'.join(parts[:i]), types.ModuleType('.'.join(parts[:i])))
+    module = types.ModuleType(module_name)
+    setattr(module, name, obj)
+    obj.__module__, obj.__qualname__, obj.__name__ = module_name, name, name
+    monkeypatch.setitem(sys.modules, module_name, module)
 
-def write_edm_pickle(path, net, module_src=HOSTILE_SRC, extra=None):
-    fake = types.ModuleType('torch_utils.persistence')
-    _reconstruct_persistent_obj.__module__ = 'torch_utils.persistence'
-    _reconstruct_persistent_obj.__qualname__ = '_reconstruct_persistent_obj'
-    fake._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    saved = {name: sys.modules.get(name) for name in ('torch_utils', 'torch_utils.persistence')}
-    sys.modules['torch_utils'] = types.ModuleType('torch_utils')
-    sys.modules['torch_utils.persistence'] = fake
+def never_called(*args):
+    raise AssertionError('the pickle writer stub must not be called')
 
-    class Pickler(pickle.Pickler):
-        def reducer_override(self, obj):
-            if type(obj).__module__ != 'edm_nets':
+class EDMLoss: # stands in for training.loss.EDMLoss, another persistent class in the snapshot
+    def __init__(self):
+        self.P_mean, self.P_std, self.sigma_data = -1.2, 1.2, 0.5
+
+def write_edm_pickle(path, data, module_src=HOSTILE_SRC):
+    with pytest.MonkeyPatch.context() as m:
+        reconstruct = types.FunctionType(never_called.__code__, {})
+        scalar = types.FunctionType(never_called.__code__, {})
+        EasyDict = type('EasyDict', (dict,), {})
+        fake_global(m, 'torch_utils.persistence._reconstruct_persistent_obj', reconstruct)
+        fake_global(m, 'numpy.core.multiarray.scalar', scalar)
+        fake_global(m, 'dnnlib.util.EasyDict', EasyDict)
+
+        class Pickler(pickle.Pickler):
+            def reducer_override(self, obj):
+                if isinstance(obj, np.float64):
+                    return scalar, (obj.dtype, obj.tobytes())
+                if isinstance(obj, (torch.nn.Module, EDMLoss)) and not isinstance(obj, torch.nn.ModuleDict):
+                    state = dict(obj.__dict__)
+                    state['_init_args'] = ()
+                    state['_init_kwargs'] = state.pop('init_kwargs', {})
+                    meta = dict(type='class', version=6, module_src=module_src, class_name=type(obj).__name__, state=state)
+                    return reconstruct, (meta,)
                 return NotImplemented
-            state = dict(obj.__dict__)
-            if isinstance(obj, edm_nets.EDMPrecond):
-                state['_init_kwargs'] = dict(obj.init_kwargs)
-                state['_init_args'] = ()
-            meta = dict(type='class', version=6, module_src=module_src,
-                        class_name=type(obj).__name__, state=state)
-            return _reconstruct_persistent_obj, (meta,)
-    try:
+
+        data = dict(data, dataset_kwargs=EasyDict(path='cifar10-32x32.zip', use_labels=True))
         with open(path, 'wb') as f:
-            Pickler(f, protocol=pickle.HIGHEST_PROTOCOL).dump(dict(ema=net, **(extra or {})))
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
+            Pickler(f, protocol=4).dump(data)
 
 def tiny_songunet(label_dim=4, resolution=8, **kwargs):
     return edm_nets.EDMPrecond(img_resolution=resolution, img_channels=3, label_dim=label_dim, model_type='SongUNet',

@@ -3,7 +3,6 @@ import json
 import os
 import pickle
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import torch
 
 import edm_nets
 from edm_nets import EDMPrecond
+from fixtures import EDMLoss, write_edm_pickle
 
 #----------------------------------------------------------------------------
 # Tiny networks covering every architecture option.
@@ -273,59 +273,16 @@ def test_imagenet_preset_is_edm_stochastic_sampler():
 # pickling (torch._utils._rebuild_*, torch.storage._load_from_bytes); numpy scalars under the
 # numpy 1 name numpy.core.multiarray.scalar; dataset_kwargs as dnnlib.util.EasyDict.
 
-def fake_global(monkeypatch, qualname, obj):
-    module_name, name = qualname.rsplit('.', 1)
-    parts = module_name.split('.')
-    for i in range(1, len(parts)):
-        if '.'.join(parts[:i]) not in sys.modules:
-            monkeypatch.setitem(sys.modules, '.'.join(parts[:i]), types.ModuleType('.'.join(parts[:i])))
-    module = types.ModuleType(module_name)
-    setattr(module, name, obj)
-    obj.__module__, obj.__qualname__, obj.__name__ = module_name, name, name
-    monkeypatch.setitem(sys.modules, module_name, module)
-
-def never_called(*args):
-    raise AssertionError('the pickle writer stub must not be called')
-
-class EDMLoss: # stands in for training.loss.EDMLoss, another persistent class in the snapshot
-    def __init__(self):
-        self.P_mean, self.P_std, self.sigma_data = -1.2, 1.2, 0.5
-
-def write_edm_pickle(path, data, monkeypatch, module_src):
-    with monkeypatch.context() as m:
-        reconstruct = types.FunctionType(never_called.__code__, {})
-        scalar = types.FunctionType(never_called.__code__, {})
-        EasyDict = type('EasyDict', (dict,), {})
-        fake_global(m, 'torch_utils.persistence._reconstruct_persistent_obj', reconstruct)
-        fake_global(m, 'numpy.core.multiarray.scalar', scalar)
-        fake_global(m, 'dnnlib.util.EasyDict', EasyDict)
-
-        class Pickler(pickle.Pickler):
-            def reducer_override(self, obj):
-                if isinstance(obj, np.float64):
-                    return scalar, (obj.dtype, obj.tobytes())
-                if isinstance(obj, (torch.nn.Module, EDMLoss)) and not isinstance(obj, torch.nn.ModuleDict):
-                    state = dict(obj.__dict__)
-                    state['_init_args'] = ()
-                    state['_init_kwargs'] = state.pop('init_kwargs', {})
-                    meta = dict(type='class', version=6, module_src=module_src, class_name=type(obj).__name__, state=state)
-                    return reconstruct, (meta,)
-                return NotImplemented
-
-        data = dict(data, dataset_kwargs=EasyDict(path='cifar10-32x32.zip', use_labels=True))
-        with open(path, 'wb') as f:
-            Pickler(f, protocol=4).dump(data)
-
 def hostile_src(marker):
     return f'open({str(marker)!r}, "w").write("module_src ran")\nraise RuntimeError("module_src executed")\n'
 
 @pytest.mark.parametrize('make', [lambda: tiny_song(*SONG_OPTIONS[1]), tiny_adm])
-def test_load_official_format_pickle(make, tmp_path, monkeypatch):
+def test_load_official_format_pickle(make, tmp_path):
     net = randomize(make())
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     marker = tmp_path / 'marker'
     path = tmp_path / 'network-snapshot.pkl'
-    write_edm_pickle(path, dict(ema=ema, loss_fn=EDMLoss(), augment_pipe=None), monkeypatch, hostile_src(marker))
+    write_edm_pickle(path, dict(ema=ema, loss_fn=EDMLoss(), augment_pipe=None), hostile_src(marker))
     raw = path.read_bytes()
     for name in [b'_reconstruct_persistent_obj', b'_load_from_bytes', b'_rebuild_parameter', b'EasyDict', b'ModuleDict']:
         assert name in raw
@@ -369,13 +326,13 @@ def test_hostile_storage_bytes_are_not_run(tmp_path):
         edm_nets.load_edm_pickle(str(path))
     assert not marker.exists()
 
-def test_pickle_errors_are_one_clear_line(tmp_path, monkeypatch):
+def test_pickle_errors_are_one_clear_line(tmp_path):
     with pytest.raises(FileNotFoundError, match='missing.pkl'):
         edm_nets.load_edm_pickle(str(tmp_path / 'missing.pkl'))
     class VPPrecond(torch.nn.Module):
         pass
     path = tmp_path / 'vp.pkl'
-    write_edm_pickle(path, dict(ema=VPPrecond()), monkeypatch, 'raise RuntimeError')
+    write_edm_pickle(path, dict(ema=VPPrecond()), 'raise RuntimeError')
     with pytest.raises(ValueError, match='VPPrecond'):
         edm_nets.load_edm_pickle(str(path))
 

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp('train')
     torch.manual_seed(0)
-    fixtures.write_edm_pickle(d / 'teacher.pkl', fixtures.tiny_songunet())
+    fixtures.write_edm_pickle(d / 'teacher.pkl', dict(ema=fixtures.tiny_songunet().eval()))
     fixtures.write_dataset_zip(d / 'data.zip', num=32, resolution=8, num_classes=4)
     fixtures.write_dataset_zip(d / 'data16.zip', num=8, resolution=16, num_classes=4)
     return d
@@ -145,7 +145,7 @@ def test_lpips_regression_pairs_and_loss(files, tmp_path):
     import torchvision
     vgg = {k: v for k, v in torchvision.models.vgg16().state_dict().items() if k.startswith('features.')}
     torch.save(vgg, tmp_path / 'vgg16.pth')
-    result = train(files, tmp_path / 'run', '--iterations', '1', '--reg-weight', '0.25', '--reg-pairs', '4',
+    train(files, tmp_path / 'run', '--iterations', '1', '--reg-weight', '0.25', '--reg-pairs', '4',
                    '--reg-batch', '2', '--reg-steps', '2', '--lpips-vgg', str(tmp_path / 'vgg16.pth'))
     pairs = torch.load(tmp_path / 'run' / 'reg_pairs_4_2steps.pt', weights_only=True)
     teacher = edm_nets.load_edm_pickle(str(files / 'teacher.pkl'))['ema']

@@ -1,0 +1,526 @@
+"""The paper's 2-D evidence for f-distill, on a laptop CPU.
+
+Xu, Nie, Vahdat, "One-step Diffusion Models with f-Divergence Distribution Matching", 2025.
+  f_and_h.png        |f'(r)| and h(r) of the six divergences (Fig. 3).
+  variance.png       normalised variance of h for two unit Gaussians as their means part (Fig. 4a).
+  score_weight.png   score difference and forward-KL's h over the plane (Fig. 2).
+  mode_coverage.png  the full Algorithm 1 from a skewed start (Fig. 8), for all six divergences.
+  results.json, results.md  the numbers behind the figures.
+
+  python toy2d.py                       # ~10 min on 2 CPU cores
+  python toy2d.py --quick --outdir /tmp/toy   # reduced, well under a minute
+"""
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import time
+
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt
+import numpy as np
+import scipy.integrate
+import torch
+
+import fdistill
+
+NAMES = ['rkl', 'srkl', 'js', 'hellinger', 'fkl', 'jeffreys']    # Table 1, most to least mode-seeking
+COLORS = dict(rkl='tab:blue', srkl='tab:cyan', js='tab:green', hellinger='tab:olive', fkl='tab:red', jeffreys='tab:purple')
+
+#----------------------------------------------------------------------------
+# Fig. 3: |f'(r)| (by autograd of Table 1's f) and h(r) against log r.
+
+def f_prime(div, r):
+    r = r.detach().double().requires_grad_(True)
+    grad, = torch.autograd.grad(div.f(r).sum(), r)
+    return grad
+
+def plot_f_and_h(path):
+    r = torch.linspace(-3, 3, 301, dtype=torch.float64).exp()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name in NAMES:
+        div = fdistill.divergence(name)
+        axes[0].plot(r.log(), f_prime(div, r).abs(), color=COLORS[name], label=div.name)
+        axes[1].plot(r.log(), div.h(r), color=COLORS[name], label=div.name)
+    axes[0].set_ylim(1e-2, 30)      # |f'| touches 0 where f' changes sign (fkl at r = 1/e, js and Jeffreys at r = 1)
+    for ax, title in zip(axes, ["(a) |f'(r)|", '(b) h(r) = f\'\'(r) r$^2$']):
+        ax.set_yscale('log')
+        ax.set_xlabel('log r')
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+#----------------------------------------------------------------------------
+# Fig. 4a: Var_q(h(r)) / E_q[h(r)]^2 for q = N(0,1), p = N(mu,1), r = p/q = exp(mu x - mu^2/2).
+# Closed forms from E_q[r^a] = exp(a(a-1) mu^2 / 2): E_q[r] = 1, E_q[r^2] = exp(mu^2), E_q[sqrt r] = exp(-mu^2/8).
+
+CLOSED_FORMS = {
+    'rkl':       lambda mu: 0 * mu,                             # h = 1 is constant
+    'fkl':       lambda mu: np.expm1(mu ** 2),                  # Var(r) / 1
+    'jeffreys':  lambda mu: np.expm1(mu ** 2) / 4,              # Var(r + 1) / 2^2
+    'hellinger': lambda mu: np.expm1(mu ** 2 / 4),              # E[r] / E[sqrt r]^2 - 1
+}
+
+# Quadrature over x of E_q[h] and E_q[h^2], with h from fdistill's table. The integrand of E_q[h^2]
+# for h = r peaks at x = 2 mu, so the interval reaches well past it.
+def normalized_variance_quadrature(name, mu):
+    h = fdistill.divergence(name).h
+    def moments(x):
+        r = torch.tensor(mu * x - mu ** 2 / 2, dtype=torch.float64).exp()
+        hx = float(h(r))
+        q = math.exp(-x ** 2 / 2) / math.sqrt(2 * math.pi)
+        return np.array([q * hx, q * hx ** 2])
+    m, _ = scipy.integrate.quad_vec(moments, -12, 12 + 2 * abs(mu), epsabs=0, epsrel=1e-10, points=[0, mu, 2 * mu])
+    return max(m[1] / m[0] ** 2 - 1, 0.0)
+
+def normalized_variance(name, mu):
+    if name in CLOSED_FORMS:
+        return float(CLOSED_FORMS[name](np.float64(mu)))
+    return normalized_variance_quadrature(name, mu)
+
+def plot_variance(path, table):
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name in NAMES:
+        ax.plot(table['mu'], np.array(table[name]) + 1e-6, color=COLORS[name], label=fdistill.divergence(name).name)
+    ax.set_yscale('log')
+    ax.set_xlabel('mean difference $\\mu$ (q = N(0,1), p = N($\\mu$,1))')
+    ax.set_ylabel('Var$_q$(h) / E$_q$[h]$^2$  (+1e-6)')
+    ax.set_title('Normalised variance of h (Fig. 4a)')
+    ax.grid(alpha=0.3)
+    ax.legend(loc='upper left')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+#----------------------------------------------------------------------------
+# Isotropic Gaussian mixture sum_k pi_k N(mu_k, s^2 I) and its exact noised quantities:
+# p_sigma = sum_k pi_k N(mu_k, (s^2 + sigma^2) I), and the denoiser E[x0 | x_sigma] (EDM Eq. 3:
+# D(x; sigma) = x + sigma^2 grad log p_sigma(x)), a responsibility-weighted sum of per-component
+# posterior means mu_k + s^2 / (s^2 + sigma^2) (x - mu_k).
+
+class GaussianMixture:
+    def __init__(self, means, weights, std):
+        self.means = torch.as_tensor(means, dtype=torch.float32)        # [K, 2]
+        self.weights = torch.as_tensor(weights, dtype=torch.float32)    # [K], sums to 1
+        self.std = float(std)
+
+    def log_joint(self, x, sigma):  # log pi_k N(x; mu_k, (s^2 + sigma^2) I), [B, K]
+        var = self.std ** 2 + torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1) ** 2
+        d2 = (x[:, None, :] - self.means.to(x.dtype)).square().sum(-1)
+        return self.weights.to(x.dtype).log() - d2 / (2 * var) - torch.log(2 * math.pi * var)
+
+    def log_prob(self, x, sigma=0.0):
+        return self.log_joint(x, sigma).logsumexp(-1)
+
+    def responsibilities(self, x, sigma):
+        return self.log_joint(x, sigma).softmax(-1)
+
+    def denoise(self, x, sigma):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1)
+        shrink = (self.std ** 2 / (self.std ** 2 + sigma ** 2))[:, :, None]            # [B, 1, 1]
+        means = self.means.to(x.dtype)
+        posterior_means = means + shrink * (x[:, None, :] - means)                     # [B, K, 2]
+        return (self.responsibilities(x, sigma)[:, :, None] * posterior_means).sum(1)
+
+    def score(self, x, sigma):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1)
+        return (self.denoise(x, sigma) - x) / sigma ** 2
+
+    def sample(self, n, generator=None):
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        return self.means[k] + self.std * torch.randn(n, 2, generator=generator)
+
+def ring(num_modes=8, radius=2.0, std=0.2):
+    angle = torch.arange(num_modes) * 2 * math.pi / num_modes
+    return GaussianMixture(radius * torch.stack([angle.cos(), angle.sin()], 1), torch.full([num_modes], 1 / num_modes), std)
+
+#----------------------------------------------------------------------------
+# The teacher: exact mixture denoiser plus a frozen feature extractor for the discriminator
+# (App. B: the discriminator is a small head on fixed teacher features). A real teacher's features
+# know where the data are at each noise level; ours are (a) the mixture's posterior responsibilities
+# gamma_k(x; sigma), which the exact denoiser computes anyway, and (b) fixed random Fourier features
+# cos(W [c_in x, c_noise] + b) at several bandwidths, which let a one-hidden-layer head fit the smooth
+# log-ratio log p_t/q_t of an arbitrary generator. Returned as one [B, C, 1, 1] map, so that
+# fdistill.DiscriminatorHead(channels=[C], resolutions=[1]) sits on top.
+
+class Teacher(torch.nn.Module):
+    def __init__(self,
+        mixture,                    # GaussianMixture: the data distribution p.
+        sigma_data,                 # Data std, for EDM's c_in and c_noise.
+        num_fourier     = 64,       # Random Fourier features.
+        bandwidths      = (0.5, 1.5, 4.0),  # Frequency scales, one equal share of features each.
+        seed            = 0,        # The extractor is fixed: the same seed gives the same teacher.
+    ):
+        super().__init__()
+        self.mixture = mixture
+        self.sigma_data = sigma_data
+        g = torch.Generator().manual_seed(seed)
+        scale = torch.tensor(bandwidths).repeat_interleave(math.ceil(num_fourier / len(bandwidths)))[:num_fourier]
+        self.register_buffer('W', torch.randn(num_fourier, 3, generator=g) * scale[:, None])
+        self.register_buffer('b', torch.rand(num_fourier, generator=g) * 2 * math.pi)
+        self.channels = num_fourier + len(mixture.weights)
+
+    def forward(self, x, sigma):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1).expand(len(x), 1)
+        c_in = 1 / (sigma ** 2 + self.sigma_data ** 2).sqrt()                      # EDM Table 1
+        c_noise = sigma.log() / 4
+        fourier = torch.cos(torch.cat([c_in * x, c_noise], 1) @ self.W.T + self.b)
+        gamma = self.mixture.responsibilities(x, sigma)
+        features = torch.cat([fourier * math.sqrt(2), gamma * math.sqrt(len(gamma[0]))], 1)
+        return self.mixture.denoise(x, sigma), [features[:, :, None, None]]
+
+#----------------------------------------------------------------------------
+# Networks: an MLP, the fake score as an EDM-preconditioned denoiser D_psi(x; sigma) (EDM Table 1),
+# and the one-step generator G_theta(z).
+
+def mlp(dim_in, dim_out, hidden, depth):
+    layers, dim = [], dim_in
+    for _ in range(depth):
+        layers += [torch.nn.Linear(dim, hidden), torch.nn.SiLU()]
+        dim = hidden
+    return torch.nn.Sequential(*layers, torch.nn.Linear(dim, dim_out))
+
+class FakeScore(torch.nn.Module):
+    def __init__(self,
+        sigma_data,                 # Data std (EDM sigma_data).
+        hidden      = 128,          # MLP width.
+        depth       = 3,            # Hidden layers.
+        num_freqs   = 8,            # Fourier embedding of c_noise.
+    ):
+        super().__init__()
+        self.sigma_data = sigma_data
+        self.register_buffer('freqs', 2 ** torch.arange(num_freqs, dtype=torch.float32) * 0.5)
+        self.F = mlp(2 + 1 + 2 * num_freqs, 2, hidden, depth)
+
+    def forward(self, x, sigma):    # EDM Eq. 7: D(x) = c_skip x + c_out F(c_in x, c_noise)
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1).expand(len(x), 1)
+        s2, d2 = sigma ** 2, self.sigma_data ** 2
+        c_skip, c_out, c_in = d2 / (s2 + d2), sigma * self.sigma_data / (s2 + d2).sqrt(), 1 / (s2 + d2).sqrt()
+        c_noise = sigma.log() / 4
+        emb = c_noise * self.freqs
+        return c_skip * x + c_out * self.F(torch.cat([c_in * x, c_noise, emb.sin(), emb.cos()], 1))
+
+def generator_net(hidden=128, depth=3):
+    return mlp(2, 2, hidden, depth)
+
+#----------------------------------------------------------------------------
+# Fig. 8's skewed start: the generator covers only modes 0 and 1, with weights 0.7 and 0.3.
+# Target map for the regression: z_1's quantile picks the mode, and is re-stretched into a
+# standard normal inside it, so the target is exactly the skewed two-mode mixture.
+
+def skewed_target(z, mixture, first_weight=0.7):
+    u = torch.special.ndtr(z[:, :1])
+    second = u > first_weight
+    u = torch.where(second, (u - first_weight) / (1 - first_weight), u / first_weight).clamp(1e-6, 1 - 1e-6)
+    offset = mixture.std * torch.cat([torch.special.ndtri(u), z[:, 1:]], 1)
+    return torch.where(second, mixture.means[1], mixture.means[0]) + offset
+
+#----------------------------------------------------------------------------
+# Metrics: a sample belongs to its nearest mode if within 3 std of it. Mode-occupancy histogram
+# over the samples that belong to a mode; a mode is covered if it holds >= 20% of its true weight.
+
+def mode_metrics(samples, mixture, radius=3.0, covered_fraction=0.2):
+    d = torch.cdist(samples.float(), mixture.means)
+    dist, k = d.min(1)
+    on = dist < radius * mixture.std
+    counts = torch.bincount(k[on], minlength=len(mixture.weights)).float()
+    occupancy = counts / counts.sum().clamp(min=1)
+    return dict(modes_covered=int((occupancy >= covered_fraction * mixture.weights).sum()),
+                num_modes=len(mixture.weights),
+                tv=float(0.5 * (occupancy - mixture.weights).abs().sum()),
+                off_mode=float(1 - on.float().mean()),
+                occupancy=occupancy.tolist())
+
+#----------------------------------------------------------------------------
+# The toy's recipe. The defaults are the documented run; --quick shrinks the step counts.
+
+def toy_options(args):
+    o = dict(
+        num_modes       = 8,        # Modes on a circle...
+        radius          = 2.0,      # ...of this radius,
+        std             = 0.2,      # each with this std (neighbours ~7.7 std apart).
+        sigma_max       = args.sigma_max, # Karras levels over [0.002, sigma_max]: the data scale is ~1.4, not 80.
+        num_levels      = 1000,     # Discretisation of the Karras schedule (DMD2).
+        num_bins        = 4,        # Stage-1 sigma bins, equal shares of the sampled levels.
+        batch           = 256,      # Batch size for every update.
+        tau             = 5,        # Alg. 1: one generator update every tau iterations.
+        steps           = args.steps, # Generator updates.
+        lr_g            = 1e-3,     # Adam, generator.
+        lr_critic       = 1e-3,     # Adam, fake score and discriminator head.
+        w_gan           = args.w_gan, # GAN loss weight in the generator loss.
+        gamma           = 0.0,      # R1 weight on noised real inputs (Table 5: 0 on ImageNet); it biases r at small sigma here.
+        r_min           = args.r_min, # Ratio clip (Alg. 1 line 6).
+        r_max           = args.r_max,
+        head_hidden     = 64,       # Hidden channels of the discriminator head.
+        pretrain_g      = 600,      # Regression steps of the generator onto the skewed start.
+        pretrain_critic = 600,      # Fake-score and head steps on the skewed start.
+        eval_samples    = 10000,    # Samples for the final metrics.
+        history_every   = max(args.steps // 10, 1),   # Generator steps between TV snapshots.
+    )
+    if args.quick:
+        o.update(pretrain_g=100, pretrain_critic=50, eval_samples=2000, batch=128)
+    return o
+
+def build(o):
+    mixture = ring(o['num_modes'], o['radius'], o['std'])
+    sigma_data = float((mixture.means.square().sum(1).mean() / 2 + mixture.std ** 2).sqrt())
+    levels = fdistill.karras_sigmas(o['num_levels'], 0.002, o['sigma_max'])
+    return mixture, sigma_data, Teacher(mixture, sigma_data), levels
+
+def critic_step(G, teacher, fake_score, head, opt, mixture, sigma_data, levels, o):
+    B = o['batch']
+    with torch.no_grad():
+        y = G(torch.randn(B, 2))
+    loss, stats = fdistill.critic_loss(y, mixture.sample(B), fdistill.sample_sigma(levels, B), torch.randn(B, 2),
+        fdistill.sample_sigma(levels, B), torch.randn(B, 2), torch.randn(B, 2),
+        teacher, fake_score, head, o['gamma'], sigma_data)                  # Alg. 1 lines 14-15
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return stats
+
+# Per seed, one start shared by all six divergences: the generator regressed onto the skewed
+# two-mode mixture, then the fake score and the discriminator head trained on that generator.
+def pretrain(o, seed):
+    torch.manual_seed(seed)
+    mixture, sigma_data, teacher, levels = build(o)
+    G = generator_net()
+    opt = torch.optim.Adam(G.parameters(), lr=1e-3)
+    for _ in range(o['pretrain_g']):
+        z = torch.randn(512, 2)
+        loss = (G(z) - skewed_target(z, mixture)).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    fake_score = FakeScore(sigma_data)
+    head = fdistill.DiscriminatorHead(channels=[teacher.channels], resolutions=[1], hidden=o['head_hidden'])
+    opt = torch.optim.Adam([*fake_score.parameters(), *head.parameters()], lr=o['lr_critic'])
+    for _ in range(o['pretrain_critic']):
+        critic_step(G, teacher, fake_score, head, opt, mixture, sigma_data, levels, o)
+    return dict(G=G.state_dict(), fake_score=fake_score.state_dict(), head=head.state_dict())
+
+# Algorithm 1 for one divergence and seed, from the pretrained start.
+def distill(o, name, seed, start):
+    t0 = time.time()
+    torch.manual_seed(1000 + seed)
+    mixture, sigma_data, teacher, levels = build(o)
+    div = fdistill.divergence(name)
+    edges = fdistill.sigma_bin_edges(levels, o['num_bins'])
+    G, fake_score = generator_net(), FakeScore(sigma_data)
+    head = fdistill.DiscriminatorHead(channels=[teacher.channels], resolutions=[1], hidden=o['head_hidden'])
+    for net, key in [(G, 'G'), (fake_score, 'fake_score'), (head, 'head')]:
+        net.load_state_dict(start[key])
+    opt_g = torch.optim.Adam(G.parameters(), lr=o['lr_g'])
+    opt_critic = torch.optim.Adam([*fake_score.parameters(), *head.parameters()], lr=o['lr_critic'])
+    nvar, clipped, history = [], [], []
+    B = o['batch']
+    for it in range(o['steps'] * o['tau']):
+        if it % o['tau'] == 0:                                              # Alg. 1 line 5
+            y = G(torch.randn(B, 2))                                        # Alg. 1 line 4
+            loss, stats = fdistill.generator_loss(y, fdistill.sample_sigma(levels, B), torch.randn(B, 2),
+                teacher, fake_score, head, div, o['r_min'], o['r_max'], edges, o['w_gan'])   # lines 6-11
+            opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_g.step()                                                    # line 12
+            nvar.append(1 / stats['h_ess'] - 1)     # ESS = 1 / (1 + Var(h)/E[h]^2) within the batch
+            clipped.append(stats['r_clipped'])
+            step = it // o['tau'] + 1
+            if step % o['history_every'] == 0:
+                with torch.no_grad():
+                    history.append((step, mode_metrics(G(torch.randn(2000, 2)), mixture)['tv']))
+        else:
+            critic_step(G, teacher, fake_score, head, opt_critic, mixture, sigma_data, levels, o)
+    with torch.no_grad():
+        samples = G(torch.randn(o['eval_samples'], 2))
+    metrics = mode_metrics(samples, mixture)
+    metrics.update(weight_variance=float(np.mean(nvar)), r_clipped=float(np.mean(clipped)),
+                   tv_history=history, seconds=time.time() - t0)
+    return metrics, samples[:3000]
+
+#----------------------------------------------------------------------------
+# Fig. 2: at one sigma, for the ring p and a generator-like q that covers every mode imperfectly
+# (unequal weights, modes pushed outwards, too wide), the score difference |s_p - s_q| and
+# forward-KL's weight h = p_t / q_t. Where q_t has mass but p_t has little (between and outside the
+# modes), the score difference is large and h is small: f-distill downweights those samples.
+
+def plot_score_weight(path, o, sigma=0.3):
+    p = ring(o['num_modes'], o['radius'], o['std'])
+    weights = torch.tensor([3.0, 1.0, 2.0, 0.5, 2.0, 1.0, 3.0, 1.5])[:o['num_modes']]
+    q = GaussianMixture(p.means * 1.1, weights / weights.sum(), o['std'] * 1.5)
+    n = 200
+    lim = o['radius'] * 1.6
+    g = torch.linspace(-lim, lim, n, dtype=torch.float64)
+    x = torch.stack(torch.meshgrid(g, g, indexing='xy'), -1).reshape(-1, 2)
+    s = torch.full([len(x)], sigma, dtype=torch.float64)
+    log_p, log_q = p.log_prob(x, s), q.log_prob(x, s)
+    panels = [('p$_t$ (teacher)', log_p.exp()), ('q$_t$ (generator-like)', log_q.exp()),
+              ('|s$_p$ - s$_q$| (log10)', (p.score(x, s) - q.score(x, s)).norm(dim=1).log10()),
+              ('forward-KL h = p$_t$/q$_t$ (log10, clipped to ±3)', ((log_p - log_q) / math.log(10)).clamp(-3, 3))]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+    for ax, (title, v) in zip(axes, panels):
+        im = ax.imshow(v.reshape(n, n).numpy(), origin='lower', extent=[-lim, lim, -lim, lim], cmap='viridis')
+        ax.contour(g, g, log_q.exp().reshape(n, n).numpy(), levels=[0.01, 0.05], colors='w', linewidths=0.5)
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(f'Score difference and forward-KL weight at sigma = {sigma} (Fig. 2); white: q_t = 0.01, 0.05')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+#----------------------------------------------------------------------------
+# Mode-coverage figure and tables.
+
+def plot_mode_coverage(path, mixture, initial, finals, table):
+    fig, axes = plt.subplots(2, 4, figsize=(16, 8.4))
+    panels = [('true mixture', mixture.sample(3000, torch.Generator().manual_seed(0))),
+              ('initial (skewed, Fig. 8)', initial)] + [(n, finals[n]) for n in NAMES]
+    lim = float(mixture.means.abs().max()) + 1.5
+    for ax, (title, x) in zip(axes.flat, panels):
+        ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.3, color=COLORS.get(title, 'k'))
+        ax.scatter(mixture.means[:, 0], mixture.means[:, 1], marker='x', color='k', s=40)
+        if title in table:
+            m = table[title]
+            title = f'{fdistill.divergence(title).name}: TV {m["tv"]:.2f}, modes {m["modes_covered"]:.1f}/{m["num_modes"]}'
+        ax.set_title(title, fontsize=10)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect('equal')
+    fig.suptitle('Alg. 1 in 2-D from a skewed start: final samples of the first seed; title: mean over seeds')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+def markdown(results):
+    o = results['options']
+    lines = [f"Mode coverage after {o['steps']} generator steps (tau = {o['tau']}), mean over {results['mode_coverage']['rkl']['seeds']} seeds "
+             f"(± std over seeds). Initial distribution: TV {results['initial']['tv']:.3f}, "
+             f"{results['initial']['modes_covered']:.1f}/{o['num_modes']} modes.", '',
+             '| divergence | mode-seeking | modes covered | TV to true weights | off-mode fraction | Var(h)/E[h]^2 in batch | r clipped | seconds/run |',
+             '|---|---|---|---|---|---|---|---|']
+    for name in NAMES:
+        m = results['mode_coverage'][name]
+        lines.append(f"| {name} | {fdistill.divergence(name).mode_seeking} | {m['modes_covered']:.2f} / {m['num_modes']} | "
+                     f"{m['tv']:.3f} ± {m['tv_std']:.3f} | {m['off_mode']:.3f} | {m['weight_variance']:.3g} | "
+                     f"{m['r_clipped']:.3f} | {m['seconds']:.0f} |")
+    v = results['variance_vs_mean_difference']
+    mus = [i for i, mu in enumerate(v['mu']) if abs(mu * 2 - round(mu * 2)) < 1e-9]
+    lines += ['', 'Normalised variance Var_q(h)/E_q[h]^2, q = N(0,1), p = N(mu,1) (Fig. 4a):', '',
+              '| divergence | ' + ' | '.join(f"mu={v['mu'][i]:g}" for i in mus) + ' |', '|---' * (len(mus) + 1) + '|']
+    for name in NAMES:
+        lines.append(f'| {name} | ' + ' | '.join(f'{v[name][i]:.4g}' for i in mus) + ' |')
+    return '\n'.join(lines) + '\n'
+
+#----------------------------------------------------------------------------
+# Jobs for the worker pool: each runs on one thread.
+
+def run_job(job):
+    kind, o, seed, name, start = job
+    if kind == 'pretrain':
+        return kind, seed, None, pretrain(o, seed)
+    return kind, seed, name, distill(o, name, seed, start)
+
+def init_worker():
+    torch.set_num_threads(1)
+
+def run_jobs(jobs, pool, on_done):
+    results = pool.imap_unordered(run_job, jobs) if pool else map(run_job, jobs)
+    for i, result in enumerate(results):
+        on_done(i, result)
+
+def main(argv=None):
+    torch.set_num_threads(1)    # tiny networks: one thread per process is fastest, and workers don't fight
+    parser = argparse.ArgumentParser(description='2-D reproduction of f-distill Figs. 2, 3, 4a and 8.')
+    parser.add_argument('--outdir', default='toy2d_out', help='Output folder (created).')
+    parser.add_argument('--quick', action='store_true', help='Reduced run for tests: 1 seed, 20 generator steps, short pretraining.')
+    parser.add_argument('--seeds', type=int, default=None, help='Seeds per divergence (default 3; 1 with --quick).')
+    parser.add_argument('--steps', type=int, default=None, help='Generator updates per run (default 1000; 20 with --quick).')
+    parser.add_argument('--workers', type=int, default=2, help='Parallel processes for the runs (1 = in-process).')
+    parser.add_argument('--w-gan', type=float, default=1e-3, help='GAN loss weight for the generator (Table 5: 1e-3).')
+    parser.add_argument('--sigma-max', type=float, default=5.0, help='Largest noise level (modes sit 1.5 apart on a circle of radius 2).')
+    parser.add_argument('--r-min', type=float, default=1e-3, help='Lower clip of the density ratio (Alg. 1 line 6).')
+    parser.add_argument('--r-max', type=float, default=1e3, help='Upper clip of the density ratio.')
+    args = parser.parse_args(argv)
+    args.seeds = args.seeds or (1 if args.quick else 3)
+    args.steps = args.steps or (20 if args.quick else 1000)
+    if args.seeds < 1 or args.steps < 1 or args.workers < 1:
+        raise ValueError('--seeds, --steps and --workers must be positive')
+    os.makedirs(args.outdir, exist_ok=True)
+    t0 = time.time()
+    def progress(msg):
+        print(f'[{time.time() - t0:6.1f}s] {msg}', flush=True)
+
+    o = toy_options(args)
+    results = dict(options=o)
+    plot_f_and_h(os.path.join(args.outdir, 'f_and_h.png'))
+    progress('f_and_h.png: |f\'(r)| and h(r) (Fig. 3)')
+
+    mus = np.linspace(0, 3, 31 if not args.quick else 7)
+    table = dict(mu=mus.tolist())
+    for name in NAMES:
+        table[name] = [normalized_variance(name, float(mu)) for mu in mus]
+    results['variance_vs_mean_difference'] = table
+    plot_variance(os.path.join(args.outdir, 'variance.png'), table)
+    progress(f'variance.png: normalised variance at mu=3: ' + ', '.join(f'{n} {table[n][-1]:.3g}' for n in NAMES))
+
+    plot_score_weight(os.path.join(args.outdir, 'score_weight.png'), o)
+    progress('score_weight.png: score difference and forward-KL h over the plane (Fig. 2)')
+
+    # Alg. 1: pretrain one start per seed, then every divergence from it.
+    seeds = list(range(args.seeds))
+    pool = multiprocessing.get_context('spawn').Pool(args.workers, init_worker) if args.workers > 1 else None
+    try:
+        starts = {}
+        def pretrained(i, result):
+            starts[result[1]] = result[3]
+            progress(f'pretrained skewed start, seed {result[1]} ({i + 1}/{len(seeds)})')
+        run_jobs([('pretrain', o, s, None, None) for s in seeds], pool, pretrained)
+        runs, samples = {n: {} for n in NAMES}, {}
+        jobs = [('distill', o, s, n, starts[s]) for s in seeds for n in NAMES]
+        t_runs = time.time()
+        def distilled(i, result):
+            _, seed, name, (metrics, x) = result
+            runs[name][seed] = metrics
+            if seed == 0:
+                samples[name] = x
+            eta = (time.time() - t_runs) / (i + 1) * (len(jobs) - i - 1)
+            progress(f'[{i + 1:2d}/{len(jobs)}] {name:9s} seed {seed}: TV {metrics["tv"]:.3f}, modes {metrics["modes_covered"]}/{metrics["num_modes"]}, '
+                     f'off-mode {metrics["off_mode"]:.3f}, Var(h)/E[h]^2 {metrics["weight_variance"]:.3g}, {metrics["seconds"]:.1f} s (eta {eta:.0f} s)')
+        run_jobs(jobs, pool, distilled)
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+
+    mixture = build(o)[0]
+    G = generator_net()
+    G.load_state_dict(starts[0]['G'])
+    with torch.no_grad():
+        initial = G(torch.randn(o['eval_samples'], 2, generator=torch.Generator().manual_seed(0)))
+    results['initial'] = mode_metrics(initial, mixture)
+    coverage = {}
+    for name in NAMES:
+        per_seed = [runs[name][s] for s in seeds]
+        mean = lambda key: float(np.mean([m[key] for m in per_seed]))
+        coverage[name] = dict(modes_covered=mean('modes_covered'), num_modes=o['num_modes'], tv=mean('tv'),
+                              tv_std=float(np.std([m['tv'] for m in per_seed])), off_mode=mean('off_mode'),
+                              weight_variance=mean('weight_variance'), r_clipped=mean('r_clipped'),
+                              seconds=mean('seconds'), seeds=len(seeds), per_seed=per_seed)
+    results['mode_coverage'] = coverage
+    plot_mode_coverage(os.path.join(args.outdir, 'mode_coverage.png'), mixture, initial[:3000], samples, coverage)
+    with open(os.path.join(args.outdir, 'results.json'), 'w') as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(args.outdir, 'results.md'), 'w') as f:
+        f.write(markdown(results))
+    progress(f'mode_coverage.png, results.json, results.md written to {args.outdir}')
+    print(markdown(results))
+
+if __name__ == '__main__':
+    main()
+
+#----------------------------------------------------------------------------
