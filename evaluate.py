@@ -9,6 +9,16 @@
   python evaluate.py latency  --ckpt runs/00000-cifar
   python evaluate.py weights  --ckpt runs/00000-cifar --num-images 6400
 
+Text-to-image (Table 4): a train_t2i.py run, or SD v1.5 itself (--sd alone: DDIM, 50 steps, CFG 3), prompted
+from a caption list (seed s gets line s mod N); `generate` writes captions.txt beside the images.
+  python evaluate.py generate --ckpt runs/sd15-js --captions coco30k.txt --outdir coco.zip --seeds 0-29999
+  torchrun --nproc_per_node=8 evaluate.py fid --ckpt runs/sd15-js --captions coco30k.txt --ref refs/coco-val.npz \
+      --detector inception-2015-12-05.pt --no-pr
+  python evaluate.py clip     --ckpt runs/sd15-js --captions coco30k.txt --clip-model clip-vit-g-14/
+  python evaluate.py clip     --images coco.zip --clip-model clip-vit-g-14/
+  python evaluate.py latency  --ckpt runs/sd15-js --bf16
+  python evaluate.py fid      --sd stable-diffusion-v1-5/ --captions coco30k.txt --ref ... --detector ...
+
 (Script flags avoid prefixes of torchrun's own flags, e.g. --run or --num, which torchrun would claim.)
 FID exactly as EDM's fid.py: NVIDIA's Inception-v3 TorchScript, features summed in float64, unbiased
 covariance, scipy's sqrtm. Precision/recall of Kynkaenniemi et al. 2019 (k = 3) as ADM's evaluator computes
@@ -23,6 +33,8 @@ import os
 import re
 import time
 import zipfile
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import PIL.Image
@@ -32,6 +44,7 @@ import torch.distributed as dist
 
 import dataset
 import fdistill
+import sd_unet
 
 #----------------------------------------------------------------------------
 # Distributed helpers. torchrun's environment is read by training_loop.init_distributed (NCCL on GPUs,
@@ -228,13 +241,15 @@ class ImageWriter:
 
     def write(self, seed, image):
         buf = io.BytesIO()
-        array = image.permute(1, 2, 0).cpu().numpy()
-        PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buf, format='png')
+        to_pil(image).save(buf, format='png')
+        self.write_file(f'{seed:06d}.png', buf.getvalue())
+
+    def write_file(self, name, data):
         if self.zip is not None:
-            self.zip.writestr(f'{seed:06d}.png', buf.getvalue())
+            self.zip.writestr(name, data)
         else:
-            with open(os.path.join(self.path, f'{seed:06d}.png'), 'wb') as f:
-                f.write(buf.getvalue())
+            with open(os.path.join(self.path, name), 'wb') as f:
+                f.write(data)
 
     def close(self):
         if self.zip is not None:
@@ -244,6 +259,10 @@ class ImageWriter:
 # EDM's generate.py conversion from [-1, 1] to uint8.
 def to_uint8(images):
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+def to_pil(image):
+    array = image.permute(1, 2, 0).cpu().numpy()
+    return PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
 
 #----------------------------------------------------------------------------
 # Seeds. '0-49999' is a range, commas join ranges; for `fid`, each comma-separated range is one seed set.
@@ -264,9 +283,18 @@ def parse_seed_sets(text):
     return [parse_range(part) for part in text.split(',')]
 
 #----------------------------------------------------------------------------
-# Generators. A run's checkpoint rebuilds the student as edm_nets.EDMPrecond(**generator_kwargs) (the EMA
-# weights if the run kept them) wrapped in the one-step generator G(z) = D(sigma_init z; sigma_init); the
-# teacher comes from an official EDM pickle and samples with EDM's Heun sampler (Karras et al. Alg. 2).
+# Samplers. Whatever is evaluated -- an EDM run's one-step generator, the EDM teacher with its Heun sampler, a
+# text-to-image run's one-step generator, SD v1.5 with DDIM -- is a Sampler: per-seed latents z ~ N(0, I) and
+# each seed's condition (a one-hot class label, or a prompt) in, images in [-1, 1] out. generate, FID, CLIP
+# score and latency take any of them.
+
+@dataclass
+class Sampler:
+    sample:         Callable        # sample(z, cond, rnd) -> images in [-1, 1]; rnd: the seeds' StackedRandomGenerator.
+    z_shape:        tuple           # Shape of one latent z.
+    image_shape:    tuple           # Shape of one image, CHW.
+    condition:      Callable        # condition(seeds, device) -> their one-hot labels (None if unconditional) or prompts.
+    info:           dict = field(default_factory=dict)  # What reports record about it (sampler, steps, cfg, ...).
 
 def check_file(path, what, hint):
     if not path or not os.path.isfile(path):
@@ -280,14 +308,38 @@ def find_checkpoint(path):
         raise FileNotFoundError(f'No run checkpoint at "{path}": pass a run directory holding checkpoint-<iteration>.pt files, or one such file')
     return found[-1]
 
-def load_checkpoint(path, keys=('generator_kwargs', 'sigma_init', 'generator')):
+# EDM runs (train_cifar.py, train_imagenet.py) and text-to-image runs (train_t2i.py) share training_loop.py's
+# checkpoint; a 'unet_config' entry marks the latter. Memory-mapped: only the tensors used are read (an SD
+# checkpoint also holds the fake score and both optimisers' states).
+EDM_KEYS = ('generator_kwargs', 'sigma_init', 'generator')
+T2I_KEYS = ('unet_config', 'generator', 'sd', 'options')
+
+def is_t2i(ckpt):
+    return ckpt is not None and 'unet_config' in ckpt
+
+def sd_folder(args, ckpt):
+    return args.sd or (ckpt or {}).get('sd')
+
+def load_checkpoint(path):
     path = find_checkpoint(path)
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    missing = [k for k in keys if ckpt.get(k) is None]
+    ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    missing = [k for k in (T2I_KEYS if is_t2i(ckpt) else EDM_KEYS) if ckpt.get(k) is None]
     if missing:
-        raise ValueError(f'"{path}" is not an f-distill run checkpoint of an EDM generator: it has no {", ".join(missing)}')
+        kind = 'a text-to-image generator (train_t2i.py)' if is_t2i(ckpt) else 'an EDM generator'
+        raise ValueError(f'"{path}" is not an f-distill run checkpoint of {kind}: it has no {", ".join(missing)}')
     ckpt['path'] = path
     return ckpt
+
+# Class-balanced labels: seed s gets class s % label_dim, one-hot (EDM convention); None if unconditional.
+def class_labels(seeds, label_dim, device):
+    if label_dim == 0:
+        return None
+    return torch.eye(label_dim, device=device)[torch.as_tensor(seeds, device=device) % label_dim]
+
+#----------------------------------------------------------------------------
+# EDM. A run's checkpoint rebuilds the student as edm_nets.EDMPrecond(**generator_kwargs) (the EMA weights if
+# the run kept them) wrapped in the one-step generator G(z) = D(sigma_init z; sigma_init); the teacher comes
+# from an official EDM pickle and samples with EDM's Heun sampler (Karras et al. Alg. 2).
 
 def load_generator(ckpt, device):
     import edm_nets
@@ -302,15 +354,12 @@ def load_teacher(path, device):
     check_file(path, 'Teacher pickle', TEACHER_HINT)
     return edm_nets.load_edm_pickle(path)['ema'].eval().requires_grad_(False).to(device)
 
-# Class-balanced labels: seed s gets class s % label_dim, one-hot (EDM convention); None if unconditional.
-def class_labels(seeds, label_dim, device):
-    if label_dim == 0:
-        return None
-    return torch.eye(label_dim, device=device)[torch.as_tensor(seeds, device=device) % label_dim]
+def edm_sampler(net, sample, info):
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    return Sampler(sample, shape, shape, lambda seeds, device: class_labels(seeds, net.label_dim, device), info)
 
-# A sampler maps (latents z ~ N(0, I), labels, per-seed random generator) to images in [-1, 1].
 def one_step_sampler(generator):
-    return lambda z, labels, rnd: generator(z, labels)
+    return edm_sampler(generator.net, lambda z, labels, rnd: generator(z, labels), dict(sampler='one-step'))
 
 # EDM's presets: 'cifar10' is the deterministic 18-step Heun (35 NFE), 'imagenet64' the stochastic
 # 256-step sampler of EDM Table 5; `num_steps` overrides the preset's step count.
@@ -319,11 +368,66 @@ def teacher_sampler(teacher, preset='cifar10', num_steps=None):
     kwargs = dict(edm_nets.SAMPLER_PRESETS[preset])
     if num_steps is not None:
         kwargs['num_steps'] = num_steps
-    return lambda z, labels, rnd: edm_nets.edm_sampler(teacher, z, labels, randn_like=rnd.randn_like, **kwargs)
+    sample = lambda z, labels, rnd: edm_nets.edm_sampler(teacher, z, labels, randn_like=rnd.randn_like, **kwargs)
+    return edm_sampler(teacher, sample, dict(sampler=preset, steps=kwargs['num_steps']))
 
-def unwrap_net(net):
-    import training_loop
-    return training_loop.unwrap_net(net)
+def edm_steps(preset):
+    import edm_nets
+    return edm_nets.SAMPLER_PRESETS[preset]['num_steps']
+
+#----------------------------------------------------------------------------
+# Text-to-image (Table 4). A train_t2i.py checkpoint holds the one-step generator's SDUNet (constructor kwargs
+# in 'unet_config'; weights in 'generator' / 'generator_ema' as sd_unet.SDGenerator's 'unet.*') and the SD v1.5
+# folder it was distilled from ('sd', or --sd), whose VAE decodes its latents and whose CLIP text encoder turns
+# prompts into its context. The baseline is that folder's UNet with DDIM (Table 4's teacher: 50 steps, CFG 3).
+# Seed s is prompted with caption line s mod N, so seed sets 0-29999, 30000-59999, ... each cover a 30k list.
+
+SD_TEACHER_STEPS = 50                                       # Table 4: SDv1.5 (NFE=50, CFG=3, ODE)
+LATENCY_PROMPT = 'a photograph of an astronaut riding a horse'  # latency without --captions: any prompt costs the same (77 tokens)
+
+def check_sd_folder(folder, from_ckpt):
+    where = ' (the folder recorded in the checkpoint; pass --sd FOLDER to use a local copy)' if from_ckpt else ''
+    if not folder:
+        raise FileNotFoundError(f'No SD v1.5 folder: pass --sd FOLDER; {sd_unet.SD_FOLDER_HINT}')
+    for name in sd_unet.SD_FOLDER_FILES:
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise FileNotFoundError(f'{os.path.join(folder, name)} not found{where}; {sd_unet.SD_FOLDER_HINT}')
+
+def load_sd_generator(ckpt, device):
+    generator = sd_unet.SDGenerator(sd_unet.SDUNet(**ckpt['unet_config']))
+    generator.load_state_dict(ckpt['generator_ema'] if ckpt.get('generator_ema') is not None else ckpt['generator'])
+    return generator.eval().requires_grad_(False).to(device)
+
+# Images of `resolution` pixels come from latents of resolution / 2^(VAE levels - 1) (512 -> 64 for SD v1.5).
+# sample() goes from prompts to decoded images -- text encoder, UNet(s), VAE decoder -- so its time is Table 4's
+# end-to-end latency.
+def t2i_sampler(sd, denoise, prompts, resolution, bf16, info):
+    factor = 2 ** (len(sd['vae'].config.block_out_channels) - 1)
+    if resolution % factor:
+        raise ValueError(f'--resolution {resolution} is not a multiple of the VAE\'s downsampling factor {factor}')
+    z_shape = (sd['vae'].config.latent_channels, resolution // factor, resolution // factor)
+
+    def sample(z, batch_prompts, rnd):
+        with torch.autocast(z.device.type, torch.bfloat16, enabled=bf16):
+            ctx = sd_unet.encode_prompts(sd['tokenizer'], sd['text_encoder'], batch_prompts)
+            return sd_unet.vae_decode(sd['vae'], denoise(z, ctx))
+    condition = lambda seeds, device: [prompts[s % len(prompts)] for s in seeds]
+    return Sampler(sample, z_shape, (sd['vae'].config.out_channels, resolution, resolution), condition, dict(info, resolution=resolution))
+
+# The one-step generator G(z, ctx): the UNet at t = 999, eps converted to x0 (CFG is distilled into it).
+def sd_one_step_sampler(ckpt, sd, prompts, resolution, bf16, device):
+    generator = load_sd_generator(ckpt, device)
+    return t2i_sampler(sd, generator, prompts, resolution or ckpt['options']['resolution'], bf16, dict(sampler='one-step'))
+
+def sd_teacher_sampler(sd, prompts, resolution, bf16, num_steps, cfg):
+    def denoise(z, ctx):
+        uncond = sd_unet.encode_prompts(sd['tokenizer'], sd['text_encoder'], ['']) if cfg != 1 else None
+        return sd_unet.ddim_sample(sd['unet'], z, ctx, uncond, num_steps, cfg)
+    factor = 2 ** (len(sd['vae'].config.block_out_channels) - 1)
+    return t2i_sampler(sd, denoise, prompts, resolution or sd['unet'].sample_size * factor, bf16, dict(sampler='ddim', steps=num_steps, cfg=cfg))
+
+#----------------------------------------------------------------------------
+# Generation, one seed per image.
 
 # Seeds split across ranks in EDM's way, so every rank runs the same number of (possibly empty) batches.
 def rank_batches(seeds, batch_size):
@@ -331,12 +435,12 @@ def rank_batches(seeds, batch_size):
     num_batches = max((len(seeds) - 1) // (batch_size * world_size) + 1, 1) * world_size
     return [b.tolist() for b in torch.as_tensor(seeds, dtype=torch.int64).tensor_split(num_batches)[get_rank() :: world_size]]
 
-def latents(net, seeds, device):
+def latents(shape, seeds, device):
     import edm_nets
     if not seeds:
-        return torch.zeros([0, net.img_channels, net.img_resolution, net.img_resolution], device=device), None
+        return torch.zeros([0, *shape], device=device), None
     rnd = edm_nets.StackedRandomGenerator(device, seeds)
-    return rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device), rnd
+    return rnd.randn([len(seeds), *shape], device=device), rnd
 
 class Progress:
     def __init__(self, total, label=''):
@@ -350,23 +454,24 @@ class Progress:
             rate = self.done / max(self.last - self.start, 1e-9)
             print0(f'{self.label}{self.done}/{self.total} images  {rate:.1f} images/s  ETA {(self.total - self.done) / max(rate, 1e-9):.0f} s')
 
-# One seed per image (its own latent and sampler noise): image i is the same made alone or in any batch.
+# One seed per image (its own latent, sampler noise and condition): image i is the same made alone or in any batch.
 @torch.no_grad()
-def generate(sampler, net, seeds, batch_size, device, label=''):
-    net = unwrap_net(net)
+def generate(sampler, seeds, batch_size, device, label=''):
     progress = Progress(len(seeds), label)
     for batch_seeds in rank_batches(seeds, batch_size):
-        z, rnd = latents(net, batch_seeds, device)
-        images = sampler(z, class_labels(batch_seeds, net.label_dim, device), rnd) if batch_seeds else z
-        yield batch_seeds, to_uint8(images)
+        if not batch_seeds:
+            yield batch_seeds, torch.zeros([0, *sampler.image_shape], dtype=torch.uint8, device=device)
+            continue
+        z, rnd = latents(sampler.z_shape, batch_seeds, device)
+        yield batch_seeds, to_uint8(sampler.sample(z, sampler.condition(batch_seeds, device), rnd))
         progress.update(len(batch_seeds))
 
 #----------------------------------------------------------------------------
 # Inception statistics of generated seeds or of images on disk, accumulated over all ranks.
 
-def stats_of_seeds(sampler, net, seeds, detector, batch_size, device, keep_features, label=''):
+def stats_of_seeds(sampler, seeds, detector, batch_size, device, keep_features, label=''):
     stats = FeatureStats(keep_features=keep_features, device=device)
-    for _seeds, images in generate(sampler, net, seeds, batch_size, device, label):
+    for _seeds, images in generate(sampler, seeds, batch_size, device, label):
         if len(images):
             stats.append(inception_features(detector, images))
     return stats
@@ -399,47 +504,62 @@ def check_clip_model(path):
     if not path or not os.path.isfile(os.path.join(path, 'config.json')):
         raise FileNotFoundError(f'CLIP model folder "{path}" not found (no config.json): pass a local transformers CLIP model folder with --clip-model')
 
-def read_captions(path):
-    check_file(path, 'Captions file', 'pass a text file with one caption per line, line i for image i (sorted file order)')
+def read_captions(path, hint='pass a text file with one caption per line, line i for image i (sorted file order)'):
+    check_file(path, 'Captions file', hint)
     with open(path, encoding='utf-8') as f:
-        return f.read().splitlines()
+        captions = f.read().splitlines()
+    if not captions:
+        raise ValueError(f'Captions file "{path}" is empty: {hint}')
+    return captions
 
+# The captions.txt that `generate` writes with text-to-image samples: line i is the prompt of image i in file order.
+def captions_of_images(path):
+    if os.path.isfile(path) and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if 'captions.txt' in z.namelist():
+                return z.read('captions.txt').decode('utf-8').splitlines()
+    elif os.path.isfile(os.path.join(path, 'captions.txt')):
+        return read_captions(os.path.join(path, 'captions.txt'))
+    raise FileNotFoundError(f'No captions for "{path}": pass --captions (line i for image i in sorted file order); `evaluate.py generate` writes captions.txt with text-to-image samples')
+
+def image_caption_batches(path, captions, batch_size):
+    idx = list(range(len(dataset.ImageDataset(path))))[get_rank() :: get_world_size()]
+    for begin, images in zip(range(0, len(idx), batch_size), iterate_images(path, batch_size, idx)):
+        yield images, [captions[i] for i in idx[begin : begin + batch_size]]
+
+# `batches` yields (uint8 NCHW images, their captions) on this rank; returns the mean over all ranks, and the count.
 @torch.no_grad()
-def clip_score(images_path, captions, model_path, batch_size, device):
+def clip_score(model_path, batches, device):
     from transformers import CLIPModel, CLIPProcessor
     check_clip_model(model_path)
     model = CLIPModel.from_pretrained(model_path, local_files_only=True).eval().to(device)
     processor = CLIPProcessor.from_pretrained(model_path, local_files_only=True)
-    files = dataset.ImageDataset(images_path)
-    if len(captions) < len(files):
-        raise ValueError(f'{len(files)} images but only {len(captions)} captions: CLIP score pairs image i with caption i')
-    idx = list(range(len(files)))[get_rank() :: get_world_size()]
     total = torch.zeros([2], dtype=torch.float64, device=device)
-    for begin in range(0, len(idx), batch_size):
-        batch = idx[begin : begin + batch_size]
-        images = [PIL.Image.fromarray(files.image(i).squeeze(2) if files.channels == 1 else files.image(i)).convert('RGB') for i in batch]
-        inputs = processor(text=[captions[i] for i in batch], images=images, return_tensors='pt', padding=True, truncation=True, max_length=77)
+    for images, captions in batches:
+        if not len(images):
+            continue
+        inputs = processor(text=list(captions), images=[to_pil(x).convert('RGB') for x in images], return_tensors='pt', padding=True, truncation=True, max_length=77)
         out = model(**{k: v.to(device) for k, v in inputs.items()})
         cosine = (out.image_embeds * out.text_embeds).sum(-1)      # both L2-normalised by CLIPModel
-        total += torch.stack([cosine.double().sum(), torch.tensor(len(batch), dtype=torch.float64, device=device)])
+        total += torch.stack([cosine.double().sum(), torch.tensor(len(images), dtype=torch.float64, device=device)])
     total = fdistill.all_reduce(total)
-    return float(total[0] / total[1])
+    return float(total[0] / total[1]), int(total[1])
 
 #----------------------------------------------------------------------------
 # Latency (Table 4): seconds per image at batch 1, after warm-up, synchronising the GPU around the clock.
+# Timed from latent and condition to decoded image: for text-to-image, from the prompt (text encoder included).
 
 @torch.no_grad()
-def latency(sampler, net, device, warmup=5, repeats=20):
-    net = unwrap_net(net)
-    z, rnd = latents(net, [0], device)
-    labels = class_labels([0], net.label_dim, device)
+def latency(sampler, device, warmup=5, repeats=20):
+    z, rnd = latents(sampler.z_shape, [0], device)
+    cond = sampler.condition([0], device)
     for _ in range(warmup):
-        sampler(z, labels, rnd)
+        sampler.sample(z, cond, rnd)
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
-        sampler(z, labels, rnd)
+        sampler.sample(z, cond, rnd)
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / repeats
@@ -470,7 +590,7 @@ def weight_diagnostic(ckpt, teacher, seeds, batch_size, device):
     for batch_seeds in rank_batches(seeds, batch_size):
         if not batch_seeds:
             continue
-        z, rnd = latents(generator.net, batch_seeds, device)
+        z, rnd = latents(one_step_sampler(generator).z_shape, batch_seeds, device)
         labels = class_labels(batch_seeds, generator.net.label_dim, device)
         y = generator(z, labels)                                                        # Alg. 1 line 4
         sigma = torch.cat([fdistill.sample_sigma(levels, 1, generator=torch.Generator().manual_seed(s)) for s in batch_seeds]).to(device)
@@ -521,37 +641,66 @@ def write_json(path, data):
         json.dump(data, f, indent=2)
     os.replace(path + '.tmp', path)
 
-def check_source(args):
-    if (args.ckpt is None) == (args.teacher is None):
-        raise ValueError('pass exactly one of --ckpt (a run\'s one-step generator) or --teacher (the EDM teacher with its sampler)')
-    if args.teacher is not None:
-        check_file(args.teacher, 'Teacher pickle', TEACHER_HINT)
-    return load_checkpoint(args.ckpt) if args.ckpt is not None else None
+PROMPTS_HINT = 'pass --captions FILE with one prompt per line (e.g. the MS-COCO 30k captions); seed s gets line s mod N'
 
-def load_source(args, ckpt, device):
+# The SD folder and the prompts of a text-to-image source (a train_t2i.py checkpoint, or --sd alone for the teacher).
+def check_t2i(args, ckpt, need_prompts=True):
+    check_sd_folder(sd_folder(args, ckpt), from_ckpt=args.sd is None)
+    if args.captions is None:
+        if need_prompts:
+            raise FileNotFoundError(f'Text-to-image sampling needs prompts: {PROMPTS_HINT}')
+        return [LATENCY_PROMPT]
+    return read_captions(args.captions, PROMPTS_HINT)
+
+# Which generator a command evaluates: returns (its checkpoint or None, its prompts or None for EDM).
+def check_source(args, need_prompts=True):
+    if args.ckpt is None and args.teacher is None and args.sd is None or args.ckpt is not None and args.teacher is not None:
+        raise ValueError('pass one of --ckpt (a run\'s one-step generator), --teacher (an EDM teacher .pkl with its sampler) or --sd alone (SD v1.5 with DDIM)')
+    if args.teacher is not None:
+        if args.sd is not None:
+            raise ValueError('--teacher is an EDM .pkl and --sd an SD v1.5 folder: pass one')
+        check_file(args.teacher, 'Teacher pickle', TEACHER_HINT)
+        return None, None
+    ckpt = load_checkpoint(args.ckpt) if args.ckpt is not None else None
+    if ckpt is not None and not is_t2i(ckpt):
+        if args.sd is not None:
+            raise ValueError(f'--sd: "{ckpt["path"]}" is an EDM run, not a text-to-image one')
+        return ckpt, None
+    return ckpt, check_t2i(args, ckpt, need_prompts)
+
+def load_source(args, ckpt, prompts, device):
+    if prompts is not None:
+        sd = sd_unet.load_sd(sd_folder(args, ckpt), device)
+        if ckpt is not None:
+            del sd['unet']                                  # the teacher's UNet; the student has its own
+            return sd_one_step_sampler(ckpt, sd, prompts, args.resolution, args.bf16, device)
+        return sd_teacher_sampler(sd, prompts, args.resolution, args.bf16, args.steps or SD_TEACHER_STEPS, args.cfg)
     if ckpt is not None:
-        net = load_generator(ckpt, device)
-        return one_step_sampler(net), net
-    net = load_teacher(args.teacher, device)
-    return teacher_sampler(net, args.sampler, args.steps), net
+        return one_step_sampler(load_generator(ckpt, device))
+    return teacher_sampler(load_teacher(args.teacher, device), args.sampler, args.steps)
+
+def describe_source(args, ckpt, sampler):
+    return dict(source=ckpt['path'] if ckpt is not None else args.teacher or args.sd, **sampler.info)
 
 def cmd_generate(args):
-    ckpt = check_source(args)
+    ckpt, prompts = check_source(args)
     seeds = parse_seeds(args.seeds)
     device = init_distributed()
-    sampler, net = load_source(args, ckpt, device)
+    sampler = load_source(args, ckpt, prompts, device)
     to_zip = args.outdir.lower().endswith('.zip')
     writer = ImageWriter(args.outdir) if get_rank() == 0 or not to_zip else None
-    for batch_seeds, images in generate(sampler, net, seeds, args.batch, device):
+    for batch_seeds, images in generate(sampler, seeds, args.batch, device):
         if to_zip:                                          # one zip: rank 0 writes every rank's images
             batch_seeds = gather_rows(torch.as_tensor(batch_seeds, dtype=torch.int64, device=device)).tolist()
             images = gather_rows(images)
         if writer is not None:
             for seed, image in zip(batch_seeds, images):
                 writer.write(seed, image)
+    if prompts is not None and get_rank() == 0:             # line i: the prompt of image i in file order
+        writer.write_file('captions.txt', ''.join(p + '\n' for p in sampler.condition(sorted(set(seeds)), device)).encode('utf-8'))
     if writer is not None:
         writer.close()
-    print0(f'Wrote {len(seeds)} images to "{args.outdir}"')
+    print0(f'Wrote {len(seeds)} images to "{args.outdir}"' + (' with captions.txt' if prompts is not None else ''))
 
 def cmd_ref(args):
     check_detector(args.detector)
@@ -573,16 +722,18 @@ def cmd_fid(args):
     what = f'precision/recall with k={args.k}' if pr else 'FID'
     check_detector(args.detector)
     if args.images is not None:
-        if args.ckpt is not None or args.teacher is not None:
-            raise ValueError('pass one of --ckpt, --teacher or --images')
-        num_images = len(dataset.ImageDataset(args.images))
-        if num_images < args.num_images:
-            raise ValueError(f'found {num_images} images in "{args.images}", but --num-images asks for {args.num_images}')
-        ckpt, seed_sets = None, [None]
+        if args.ckpt is not None or args.teacher is not None or args.sd is not None:
+            raise ValueError('pass one of --ckpt, --teacher, --sd or --images')
+        num_images = args.num_images or 50000
+        found = len(dataset.ImageDataset(args.images))
+        if found < num_images:
+            raise ValueError(f'found {found} images in "{args.images}", but --num-images asks for {num_images}')
+        ckpt, prompts, seed_sets = None, None, [None]
     else:
-        ckpt = check_source(args)
-        seed_sets = parse_seed_sets(args.seeds) if args.seeds else [list(range(i * args.num_images, (i + 1) * args.num_images)) for i in range(args.repeats)]
-    size = min(args.num_images if s is None else len(s) for s in seed_sets)
+        ckpt, prompts = check_source(args)
+        num_images = args.num_images or (len(prompts) if prompts is not None else 50000)
+        seed_sets = parse_seed_sets(args.seeds) if args.seeds else [list(range(i * num_images, (i + 1) * num_images)) for i in range(args.repeats)]
+    size = min(num_images if s is None else len(s) for s in seed_sets)
     if size < need:
         raise ValueError(f'each sample set needs at least {need} images for {what}, got {size}')
     if args.ref.lower().endswith('.npz'):
@@ -600,14 +751,13 @@ def cmd_fid(args):
         mu, sigma = stats.mu_sigma()
         ref = dict(mu=mu, sigma=sigma, features=stats.all_features() if pr else None)
     real_features = torch.as_tensor(ref['features'], device=device) if pr else None
-    if args.images is None:
-        sampler, net = load_source(args, ckpt, device)
+    sampler = load_source(args, ckpt, prompts, device) if args.images is None else None
     results = []
     for i, seeds in enumerate(seed_sets):
         if seeds is None:
-            stats = stats_of_images(args.images, detector, args.batch, device, keep_features=pr, num=args.num_images, seed=args.seed)
+            stats = stats_of_images(args.images, detector, args.batch, device, keep_features=pr, num=num_images, seed=args.seed)
         else:
-            stats = stats_of_seeds(sampler, net, seeds, detector, args.batch, device, keep_features=pr, label=f'[set {i + 1}/{len(seed_sets)}] ')
+            stats = stats_of_seeds(sampler, seeds, detector, args.batch, device, keep_features=pr, label=f'[set {i + 1}/{len(seed_sets)}] ')
         num, (mu, sigma) = stats.total(), stats.mu_sigma()             # collectives: every rank
         fake_features = stats.all_features() if pr else None
         if get_rank() == 0:
@@ -619,48 +769,75 @@ def cmd_fid(args):
     if get_rank() == 0:
         summary = {m: dict(min=min(r[m] for r in results), mean=float(np.mean([r[m] for r in results])))
                    for m in ('fid', 'precision', 'recall') if m in results[0]}
-        source = ckpt['path'] if ckpt is not None else (args.teacher or args.images)
-        sampler_info = dict(preset=args.sampler, steps=args.steps) if args.teacher else None
-        write_json(args.report, dict(source=source, teacher_sampler=sampler_info, ref=args.ref, k=args.k, sets=results, summary=summary))
+        source = describe_source(args, ckpt, sampler) if sampler is not None else dict(source=args.images)
+        write_json(args.report, dict(source, ref=args.ref, k=args.k, sets=results, summary=summary))
         print0(f'FID min {summary["fid"]["min"]:.4f} mean {summary["fid"]["mean"]:.4f} over {len(results)} set(s); wrote "{args.report}"')
 
+# CLIP score of a folder/zip of images with their captions, or of a text-to-image source's images made on the fly.
 def cmd_clip(args):
-    num = len(dataset.ImageDataset(args.images))
     check_clip_model(args.clip_model)
-    captions = read_captions(args.captions)
-    if len(captions) < num:
-        raise ValueError(f'{num} images but {len(captions)} captions in "{args.captions}": image i (sorted file order) needs caption line i')
-    device = init_distributed()
-    score = clip_score(args.images, captions, args.clip_model, args.batch, device)
+    if args.images is not None:
+        if args.ckpt is not None or args.teacher is not None or args.sd is not None:
+            raise ValueError('pass one of --images or a text-to-image source (--ckpt or --sd)')
+        num = len(dataset.ImageDataset(args.images))
+        captions = read_captions(args.captions) if args.captions is not None else captions_of_images(args.images)
+        if len(captions) < num:
+            raise ValueError(f'{num} images but {len(captions)} captions for "{args.images}": image i (sorted file order) needs caption line i')
+        device = init_distributed()
+        batches, source = image_caption_batches(args.images, captions, args.batch), dict(source=args.images)
+    else:
+        ckpt, prompts = check_source(args)
+        if prompts is None:
+            raise ValueError('CLIP score needs a text-to-image source: a train_t2i.py run (--ckpt) or an SD v1.5 folder (--sd), or --images')
+        seeds = parse_seeds(args.seeds) if args.seeds else list(range(len(prompts)))
+        device = init_distributed()
+        sampler = load_source(args, ckpt, prompts, device)
+        batches = ((images, sampler.condition(s, device)) for s, images in generate(sampler, seeds, args.batch, device))
+        source = describe_source(args, ckpt, sampler)
+    score, num = clip_score(args.clip_model, batches, device)
     print0(f'CLIP score {score:.4f} over {num} images')
     if get_rank() == 0 and args.report:
-        write_json(args.report, dict(images=args.images, captions=args.captions, clip_model=args.clip_model, num=num, clip_score=score))
+        write_json(args.report, dict(source, captions=args.captions, clip_model=args.clip_model, num=num, clip_score=score))
 
+# Table 4's latency column: the one-step generator (with --ckpt) and the teacher's multi-step sampler -- the EDM
+# teacher (--teacher, or the run's options['teacher']) for EDM runs, SD v1.5 with DDIM (--steps, --cfg) for
+# text-to-image runs (the checkpoint's SD folder, or --sd) -- each from condition to decoded image at batch 1.
 def cmd_latency(args):
+    if args.ckpt is None and args.teacher is None and args.sd is None:
+        raise ValueError('pass --ckpt (a run; its teacher too), --teacher (an EDM .pkl) or --sd (an SD v1.5 folder)')
     ckpt = load_checkpoint(args.ckpt) if args.ckpt else None
-    teacher_path = args.teacher or (ckpt or {}).get('options', {}).get('teacher')
-    check_file(teacher_path, 'Teacher pickle', TEACHER_HINT)
+    t2i = is_t2i(ckpt) or ckpt is None and args.teacher is None
+    if t2i:
+        prompts = check_t2i(args, ckpt, need_prompts=False)
+    else:
+        teacher_path = args.teacher or (ckpt or {}).get('options', {}).get('teacher')
+        check_file(teacher_path, 'Teacher pickle', TEACHER_HINT)
     device = init_distributed()
-    report = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu', batch=1)
-    if ckpt is not None:
-        generator = load_generator(ckpt, device)
-        report['one_step_seconds'] = latency(one_step_sampler(generator), generator, device, args.warmup, args.repeats)
-    teacher = load_teacher(teacher_path, device)
-    report.update(teacher_sampler=args.sampler, teacher_steps=args.steps or edm_steps(args.sampler))
-    report['teacher_seconds'] = latency(teacher_sampler(teacher, args.sampler, args.steps), teacher, device, args.warmup, args.repeats)
+    report = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu', batch=1, bf16=args.bf16 if t2i else False)
+    if t2i:
+        report['timed'] = 'prompt to decoded image: text encoder, UNet pass(es), VAE decoder'
+        sd = sd_unet.load_sd(sd_folder(args, ckpt), device)
+        one_step = sd_one_step_sampler(ckpt, sd, prompts, args.resolution, args.bf16, device) if ckpt is not None else None
+        teacher = sd_teacher_sampler(sd, prompts, args.resolution, args.bf16, args.steps or SD_TEACHER_STEPS, args.cfg)
+    else:
+        report['timed'] = 'latent and label to image: the network pass(es)'
+        one_step = one_step_sampler(load_generator(ckpt, device)) if ckpt is not None else None
+        teacher = teacher_sampler(load_teacher(teacher_path, device), args.sampler, args.steps)
+    for name, sampler in (('one_step', one_step), ('teacher', teacher)):
+        if sampler is not None:
+            report.update({f'{name}_{k}': v for k, v in sampler.info.items()})
+            report[f'{name}_seconds'] = latency(sampler, device, args.warmup, args.repeats)
     print0('  '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in report.items()))
     if args.report and get_rank() == 0:
         write_json(args.report, report)
 
-def edm_steps(preset):
-    import edm_nets
-    return edm_nets.SAMPLER_PRESETS[preset]['num_steps']
-
 def cmd_weights(args):
-    ckpt = load_checkpoint(args.ckpt, RUN_KEYS)
-    missing = [k for k in OPTION_KEYS if k not in ckpt['options']]
+    ckpt = load_checkpoint(args.ckpt)
+    if is_t2i(ckpt):
+        raise ValueError(f'"{ckpt["path"]}" is a text-to-image run: the Fig. 5 diagnostic is implemented for EDM runs (train_cifar.py, train_imagenet.py)')
+    missing = [k for k in RUN_KEYS if ckpt.get(k) is None] + [k for k in OPTION_KEYS if k not in ckpt.get('options', {})]
     if missing:
-        raise ValueError(f'"{ckpt["path"]}" options lack {", ".join(missing)}: not a checkpoint of training_loop.py')
+        raise ValueError(f'"{ckpt["path"]}" lacks {", ".join(missing)}: not a checkpoint of training_loop.py')
     teacher_path = args.teacher or ckpt['options'].get('teacher')
     check_file(teacher_path, 'Teacher pickle', TEACHER_HINT)
     if args.num_images < 2:
@@ -686,11 +863,16 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Evaluate f-distill generators: images, FID, precision/recall, CLIP score, latency, Fig. 5.')
     sub = parser.add_subparsers(dest='command', required=True)
 
-    def source(p, teacher_help='EDM teacher .pkl: evaluate the teacher with its sampler instead of a run'):
-        p.add_argument('--ckpt', help='Run directory (its latest checkpoint-*.pt) or one checkpoint file')
+    def source(p, teacher_help='EDM teacher .pkl: evaluate the teacher with its sampler instead of a run', captions_help=PROMPTS_HINT):
+        p.add_argument('--ckpt', help='Run directory (its latest checkpoint-*.pt) or one checkpoint file; an EDM or a text-to-image (train_t2i.py) run')
         p.add_argument('--teacher', help=teacher_help)
-        p.add_argument('--sampler', default='cifar10', choices=['cifar10', 'imagenet64'], help="Teacher sampler preset: EDM's 18-step Heun (35 NFE) or ImageNet's 256-step stochastic one")
-        p.add_argument('--steps', type=int, default=None, help='Teacher sampler steps, overriding the preset')
+        p.add_argument('--sampler', default='cifar10', choices=['cifar10', 'imagenet64'], help="EDM teacher sampler preset: EDM's 18-step Heun (35 NFE) or ImageNet's 256-step stochastic one")
+        p.add_argument('--steps', type=int, default=None, help=f'Teacher sampler steps (default: the EDM preset\'s; SD\'s DDIM: {SD_TEACHER_STEPS}, Table 4)')
+        p.add_argument('--sd', help="Local diffusers-format SD v1.5 folder: alone, the SD teacher with DDIM; with a text-to-image --ckpt, overrides the checkpoint's folder")
+        p.add_argument('--captions', help=captions_help)
+        p.add_argument('--cfg', type=float, default=3.0, help='Classifier-free guidance of the SD teacher\'s DDIM (Table 4: 3); the one-step generator has it distilled in')
+        p.add_argument('--resolution', type=int, default=None, help='Text-to-image resolution in pixels (default: the run\'s --resolution; the SD teacher: its UNet\'s, 512)')
+        p.add_argument('--bf16', action='store_true', help='bf16 autocast for the SD text encoder, UNet and VAE')
 
     p = sub.add_parser('generate', help='Write images of seeds to a PNG folder or .zip')
     source(p)
@@ -712,7 +894,7 @@ def parse_args(argv=None):
     p.add_argument('--images', help='A folder/.zip of images to evaluate instead of generating')
     p.add_argument('--ref', required=True, help='Reference .npz (EDM format; with features for precision/recall) or a dataset folder/.zip')
     p.add_argument('--detector', required=True, help="NVIDIA's inception-2015-12-05.pt (TorchScript)")
-    p.add_argument('--num-images', type=int, default=50000, help='Images per set (50k for Tables 2-3)')
+    p.add_argument('--num-images', type=int, default=None, help='Images per set (default 50k, Tables 2-3; text-to-image: one per caption, e.g. MS-COCO 30k)')
     p.add_argument('--repeats', type=int, default=1, help='Seed sets 0..num-1, num..2num-1, ...; the literature reports the min of 3')
     p.add_argument('--seeds', help='Explicit seed sets, one per comma, e.g. 0-49999,50000-99999 (overrides --num-images/--repeats)')
     p.add_argument('--seed', type=int, default=0, help='With --images: which random subset of --num-images images when the folder holds more')
@@ -722,9 +904,10 @@ def parse_args(argv=None):
     p.add_argument('--batch', type=int, default=64, help='Images per batch and GPU')
     p.set_defaults(func=cmd_fid)
 
-    p = sub.add_parser('clip', help='CLIP score (mean cosine of image and caption embeddings, Table 4)')
-    p.add_argument('--images', required=True, help='Folder/.zip of images; the i-th file in sorted order goes with caption line i')
-    p.add_argument('--captions', required=True, help='Text file, one caption per line')
+    p = sub.add_parser('clip', help='CLIP score (mean cosine of image and caption embeddings, Table 4) of images, or of a text-to-image source')
+    source(p, captions_help='Text file, one caption per line: of --images (line i for the i-th file in sorted order; default: their captions.txt), or the prompts of a source (seed s: line s mod N)')
+    p.add_argument('--images', help='Folder/.zip of images to score instead of generating')
+    p.add_argument('--seeds', help='Seeds to generate with a source (default: one per caption, 0..N-1)')
     p.add_argument('--clip-model', required=True, help='Local transformers CLIP model folder (config.json, weights, tokenizer, preprocessor)')
     p.add_argument('--report', default=None, help='Output JSON')
     p.add_argument('--batch', type=int, default=32, help='Images per batch and GPU')

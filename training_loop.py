@@ -263,7 +263,7 @@ def training_loop(opts, task, rank, world, device):
                         lambda x, s: task.teacher(x, s, cond), lambda x, s: fake_score(x, s, cond), head,
                         f_div, opts.r_min, opts.r_max, edges, opts.w_gan)
                     if task.regression is not None:
-                        loss_reg = task.regression(ddp_generator, it * rounds + k)
+                        loss_reg = task.regression(generator, it * rounds + k)     # plain module: one DDP forward per backward
                         st['loss_reg'] = loss_reg.item()
                         loss = loss + loss_reg
                 finite &= bool(torch.isfinite(loss))
