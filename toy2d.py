@@ -466,7 +466,7 @@ def main(argv=None):
         table[name] = [normalized_variance(name, float(mu)) for mu in mus]
     results['variance_vs_mean_difference'] = table
     plot_variance(os.path.join(args.outdir, 'variance.png'), table)
-    progress(f'variance.png: normalised variance at mu=3: ' + ', '.join(f'{n} {table[n][-1]:.3g}' for n in NAMES))
+    progress('variance.png: normalised variance at mu=3: ' + ', '.join(f'{n} {table[n][-1]:.3g}' for n in NAMES))
 
     plot_score_weight(os.path.join(args.outdir, 'score_weight.png'), o)
     progress('score_weight.png: score difference and forward-KL h over the plane (Fig. 2)')

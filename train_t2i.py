@@ -6,7 +6,7 @@
 Algorithm 1 in SD's latent space. The UNets speak EDM's denoiser convention through sd_unet.sd_denoiser,
 so the loop, losses and checkpoints are those of train_cifar.py / train_imagenet.py (training_loop.py).
 The paper warms the discriminator up from a reverse-KL run before switching to JS (Sec. 5.1):
-run `--f rkl` first, then `--f js --init-from <that run>/checkpoint-XXXXXXX.pt`.
+run `--f rkl` first, then `--f js --init-from <that run>/checkpoint-0010000.pt`.
 """
 
 import copy

@@ -2,7 +2,9 @@
 
 import io
 import json
+import os
 import pickle
+import socket
 import sys
 import types
 import zipfile
@@ -87,3 +89,14 @@ def write_dataset_zip(path, num=32, resolution=16, channels=3, num_classes=4, se
             labels.append([name, int(i % num_classes)])
         z.writestr('dataset.json', json.dumps(dict(labels=labels if num_classes else None)))
     return path
+
+#----------------------------------------------------------------------------
+# Run helpers for the torchrun tests.
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+def load_checkpoint(outdir, it):
+    return torch.load(os.path.join(outdir, f'checkpoint-{it:07d}.pt'), map_location='cpu', weights_only=True)

@@ -3,7 +3,6 @@ pairs, a 2-process gloo torchrun, resume, decoded sample grids with their prompt
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import PIL.Image
 import pytest
 import torch
 
+from fixtures import free_port, load_checkpoint as load
 from test_sd_unet import write_tiny_sd_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,11 +29,6 @@ def files(tmp_path_factory):
             f.write(json.dumps(dict(image=f'images/{i}.png', caption=caption)) + '\n')
     return d
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
 def train(files, outdir, *args, nproc=2, check=True):
     cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', f'--master_port={free_port()}'] if nproc > 1 else [sys.executable]
     cmd += ['train_t2i.py', '--sd', str(files / 'sd'), '--data', str(files / 'pairs.jsonl'), '--outdir', str(outdir),
@@ -44,9 +39,6 @@ def train(files, outdir, *args, nproc=2, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f'{" ".join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}')
     return result
-
-def load(outdir, it):
-    return torch.load(os.path.join(outdir, f'checkpoint-{it:07d}.pt'), map_location='cpu', weights_only=True)
 
 def test_two_processes_run_resume_and_write_grids(files, tmp_path):
     straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'

@@ -3,7 +3,6 @@ format, a synthetic dataset zip, torchrun with gloo."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import torch
 
 import edm_nets
 import fixtures
+from fixtures import free_port, load_checkpoint as load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,11 +23,6 @@ def files(tmp_path_factory):
     fixtures.write_dataset_zip(d / 'data.zip', num=32, resolution=8, num_classes=4)
     fixtures.write_dataset_zip(d / 'data16.zip', num=8, resolution=16, num_classes=4)
     return d
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 def train(files, outdir, *args, nproc=1, check=True):
     common = ['--teacher', str(files / 'teacher.pkl'), '--data', str(files / 'data.zip'), '--outdir', str(outdir),
@@ -42,9 +37,6 @@ def train(files, outdir, *args, nproc=1, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f'{" ".join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}')
     return result
-
-def load(outdir, it):
-    return torch.load(os.path.join(outdir, f'checkpoint-{it:07d}.pt'), map_location='cpu', weights_only=True)
 
 def assert_same(a, b, atol):
     assert a.keys() == b.keys()
