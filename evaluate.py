@@ -45,13 +45,13 @@ import torch.distributed as dist
 import dataset
 import fdistill
 import sd_unet
+import training_loop
 
 #----------------------------------------------------------------------------
 # Distributed helpers. torchrun's environment is read by training_loop.init_distributed (NCCL on GPUs,
 # gloo on CPU); plain python is a world of one.
 
 def init_distributed():
-    import training_loop
     return training_loop.init_distributed()[2]
 
 def get_rank():
@@ -140,9 +140,7 @@ def save_ref(path, mu, sigma, features=None):
         arrays['features'] = np.asarray(features, dtype=np.float32)
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + '.tmp', 'wb') as f:
-        np.savez(f, **arrays)
-    os.replace(path + '.tmp', path)
+    training_loop.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 def load_ref(path, need_features=False):
     if not os.path.isfile(path):
@@ -637,9 +635,7 @@ def plot_weights(table, f_name, path):
 def write_json(path, data):
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
-        json.dump(data, f, indent=2)
-    os.replace(path + '.tmp', path)
+    training_loop.atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 PROMPTS_HINT = 'pass --captions FILE with one prompt per line (e.g. the MS-COCO 30k captions); seed s gets line s mod N'
 

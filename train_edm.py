@@ -122,16 +122,14 @@ def regression_pairs(opts, teacher, cond, shape, device, rank, world):
             with torch.no_grad():
                 images.append(edm_nets.edm_sampler(teacher, z, cond(chunk), num_steps=opts.reg_steps).float().cpu())
         training_loop.atomic_write(part, lambda f: torch.save(torch.cat(images), f))
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        training_loop.barrier()
         if rank == 0:
             parts = [torch.load(f'{path}.part{r}', weights_only=True) for r in range(world)]
             x = torch.empty((len(seeds), *shape))
             for r in range(world):
                 x[r::world] = parts[r]
             training_loop.atomic_write(path, lambda f: torch.save(x, f))
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        training_loop.barrier()
         os.remove(part)
     return torch.load(path, map_location='cpu', weights_only=True)
 

@@ -92,7 +92,7 @@ def cached_latents(opts, pairs, vae, latent_shape, device, rank, world):
         if rank == 0:
             os.makedirs(opts.outdir, exist_ok=True)
             np.lib.format.open_memmap(path + '.tmp', mode='w+', dtype=np.float16, shape=shape).flush()
-        barrier()
+        training_loop.barrier()
         cache = np.lib.format.open_memmap(path + '.tmp', mode='r+')
         mine = np.arange(rank, len(pairs), world)
         for chunk in np.array_split(mine, max(1, len(mine) // opts.encode_batch)):
@@ -100,18 +100,14 @@ def cached_latents(opts, pairs, vae, latent_shape, device, rank, world):
             cache[chunk] = sd_unet.vae_encode(vae, images.to(device)).float().cpu().numpy()
         cache.flush()
         del cache
-        barrier()
+        training_loop.barrier()
         if rank == 0:
             os.replace(path + '.tmp', path)
-        barrier()
+        training_loop.barrier()
     cache = np.load(path, mmap_mode='r')
     if cache.shape != shape:
         raise ValueError(f'{path} holds latents of shape {cache.shape}, expected {shape}; delete it to re-encode --data')
     return cache
-
-def barrier():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 #----------------------------------------------------------------------------
 # The UNets as EDM denoisers; `net` is what checkpoints store (training_loop.unwrap_net).

@@ -104,6 +104,10 @@ def init_distributed():
     dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return dist.get_rank(), dist.get_world_size(), device
 
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
 # A 2-process gloo run can abort at exit unless DDP modules go first (training_loop drops its own
 # when it returns), then a barrier, then the group.
 def close_distributed():
