@@ -5,6 +5,7 @@ Module names, constructor arguments and state-dict keys follow NVlabs/edm `train
 `load_state_dict(..., strict=True)` works with the released weights."""
 
 import collections
+import contextlib
 import copy
 import io
 import os
@@ -221,8 +222,19 @@ class FourierEmbedding(torch.nn.Module):
         return torch.cat([x.cos(), x.sin()], dim=1)
 
 #----------------------------------------------------------------------------
+# What runs after the deepest tapped encoder block (the feature tap of EDMPrecond.forward_features):
+# 'grad' the rest of the U-Net as usual; 'no_grad' the rest without autograd, so D(x) costs no stored
+# activations while the features keep their graph; 'skip' nothing, the pass stops there (D(x) is None).
+
+DECODER_MODES = ('grad', 'no_grad', 'skip')
+
+def last_tap(enc, taps):
+    names = [name for name in enc if taps is not None and name in taps]
+    return names[-1] if names else None
+
+#----------------------------------------------------------------------------
 # DDPM++ / NCSN++ U-Net of Song et al. 2021, as re-implemented in EDM.
-# `taps` (a dict of encoder block names) is filled in place with those blocks' outputs.
+# `taps` (a dict of encoder block names) is filled in place with those blocks' outputs; `decoder` as above.
 
 class SongUNet(torch.nn.Module):
     def __init__(self,
@@ -312,7 +324,12 @@ class SongUNet(torch.nn.Module):
                 self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(num_channels=cout, eps=1e-6)
                 self.dec[f'{res}x{res}_aux_conv'] = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
 
-    def forward(self, x, noise_labels, class_labels, augment_labels=None, taps=None):
+    def forward(self, x, noise_labels, class_labels, augment_labels=None, taps=None, decoder='grad'):
+        with contextlib.ExitStack() as rest:
+            return self._forward(x, noise_labels, class_labels, augment_labels, taps, decoder, rest)
+
+    def _forward(self, x, noise_labels, class_labels, augment_labels, taps, decoder, rest):
+        stop = last_tap(self.enc, taps)
         # Mapping.
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape) # swap cos/sin halves, as score_sde
@@ -341,6 +358,10 @@ class SongUNet(torch.nn.Module):
                 skips.append(x)
             if taps is not None and name in taps:
                 taps[name] = x
+            if name == stop and decoder == 'skip':
+                return None
+            if name == stop and decoder == 'no_grad':
+                rest.enter_context(torch.no_grad())
 
         # Decoder.
         aux = None
@@ -361,7 +382,7 @@ class SongUNet(torch.nn.Module):
 
 #----------------------------------------------------------------------------
 # ADM U-Net of Dhariwal & Nichol 2021, as re-implemented in EDM.
-# `taps` (a dict of encoder block names) is filled in place with those blocks' outputs.
+# `taps` (a dict of encoder block names) is filled in place with those blocks' outputs; `decoder` as above.
 
 class DhariwalUNet(torch.nn.Module):
     def __init__(self,
@@ -426,7 +447,12 @@ class DhariwalUNet(torch.nn.Module):
         self.out_norm = GroupNorm(num_channels=cout)
         self.out_conv = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
 
-    def forward(self, x, noise_labels, class_labels, augment_labels=None, taps=None):
+    def forward(self, x, noise_labels, class_labels, augment_labels=None, taps=None, decoder='grad'):
+        with contextlib.ExitStack() as rest:
+            return self._forward(x, noise_labels, class_labels, augment_labels, taps, decoder, rest)
+
+    def _forward(self, x, noise_labels, class_labels, augment_labels, taps, decoder, rest):
+        stop = last_tap(self.enc, taps)
         # Mapping.
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
@@ -447,6 +473,10 @@ class DhariwalUNet(torch.nn.Module):
             skips.append(x)
             if taps is not None and name in taps:
                 taps[name] = x
+            if name == stop and decoder == 'skip':
+                return None
+            if name == stop and decoder == 'no_grad':
+                rest.enter_context(torch.no_grad())
 
         # Decoder.
         for block in self.dec.values():
@@ -502,15 +532,22 @@ class EDMPrecond(torch.nn.Module):
         c_noise = sigma.log() / 4
 
         F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        D_x = c_skip * x + c_out * F_x.to(torch.float32)
+        if F_x is None:                                 # decoder='skip': the taps are all there is
+            return None
+        with torch.no_grad() if model_kwargs.get('decoder') == 'no_grad' else contextlib.nullcontext():
+            D_x = c_skip * x + c_out * F_x.to(torch.float32)
         return D_x
 
     # Feature tap for the GAN discriminator (f-distill App. B, Table 5): the output of the last
     # encoder block at each requested resolution, taken during the same forward pass that gives D_x.
-    def forward_features(self, x, sigma, class_labels=None, resolutions=(8,), force_fp32=False):
+    # decoder='no_grad' (the generator step: D_x is used detached) or 'skip' (the critic step: features
+    # only, D_x None) stop autograd or the pass after the deepest tapped block; the values are unchanged.
+    def forward_features(self, x, sigma, class_labels=None, resolutions=(8,), force_fp32=False, decoder='grad'):
+        if decoder not in DECODER_MODES:
+            raise ValueError(f'decoder must be one of {DECODER_MODES}, got "{decoder}"')
         names = self.feature_names(resolutions)
         taps = dict.fromkeys(names)
-        D_x = self(x, sigma, class_labels, force_fp32=force_fp32, taps=taps)
+        D_x = self(x, sigma, class_labels, force_fp32=force_fp32, taps=taps, decoder=decoder)
         return D_x, [taps[name].to(torch.float32) for name in names]
 
     def feature_names(self, resolutions):

@@ -298,9 +298,13 @@ class SDUNet(nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states):
         return self.forward_features(sample, timestep, encoder_hidden_states)[0]
 
-    def forward_features(self, sample, timestep, encoder_hidden_states):
+    def forward_features(self, sample, timestep, encoder_hidden_states, decoder='grad'):
         # Returns (eps, {'mid': mid-block output, 'down': [output of each down block]}) from one pass;
         # 'mid' (1280 x 8 x 8 for 64 x 64 latents) is what the discriminator head reads (Table 5: resolution (8)).
+        # After the mid block, decoder='no_grad' runs the up blocks without autograd (eps detached, features
+        # keep their graph) and 'skip' stops (eps None): the values are those of the full pass.
+        if decoder not in ('grad', 'no_grad', 'skip'):
+            raise ValueError(f'decoder must be grad, no_grad or skip, got "{decoder}"')
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
         emb = self.time_embedding(timestep_features(t, self.conv_in.out_channels, self.flip_sin_to_cos, self.freq_shift).to(sample.dtype))
         x = self.conv_in(sample)
@@ -310,11 +314,14 @@ class SDUNet(nn.Module):
             skips += block_skips
             down.append(x)
         x = mid = self.mid_block(x, emb, encoder_hidden_states)
-        for block in self.up_blocks: # Each takes its skips off the end; it upsamples to the next skip's size (2x, or odd sizes back).
-            n = len(block.resnets)
-            block_skips, skips = skips[-n:], skips[:-n]
-            x = block(x, block_skips, emb, encoder_hidden_states, size=skips[-1].shape[-2:] if skips else None)
-        eps = self.conv_out(F.silu(self.conv_norm_out(x)))
+        if decoder == 'skip':
+            return None, dict(mid=mid, down=down)
+        with torch.no_grad() if decoder == 'no_grad' else contextlib.nullcontext():
+            for block in self.up_blocks: # Each takes its skips off the end; it upsamples to the next skip's size (2x, or odd sizes back).
+                n = len(block.resnets)
+                block_skips, skips = skips[-n:], skips[:-n]
+                x = block(x, block_skips, emb, encoder_hidden_states, size=skips[-1].shape[-2:] if skips else None)
+            eps = self.conv_out(F.silu(self.conv_norm_out(x)))
         return eps, dict(mid=mid, down=down)
 
 #----------------------------------------------------------------------------
@@ -377,17 +384,21 @@ def sd_denoiser(unet, ctx, uncond_ctx=None, cfg=1.0):
     if uncond_ctx is None and cfg != 1:
         raise ValueError(f'sd_denoiser: cfg={cfg} needs uncond_ctx (the empty prompt\'s text context)')
 
-    def D(x, sigma, class_labels=None, return_features=False):
+    # decoder as in SDUNet.forward_features: 'skip' returns (None, features) and runs no unconditional pass.
+    def D(x, sigma, class_labels=None, return_features=False, decoder='grad'):
         # class_labels is accepted for the EDM call net(x, sigma, class_labels); SD's condition is ctx.
         if class_labels is not None:
             raise ValueError('sd_denoiser: SD is conditioned on the text context given to sd_denoiser, not on class_labels')
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
         x_t = x / (1 + sigma ** 2).sqrt()
         t = sigma_to_timestep(sigma)
-        eps, features = unet.forward_features(x_t, t, ctx)
-        if uncond_ctx is not None:
-            eps = cfg_eps(unet(x_t, t, uncond_ctx.expand_as(ctx)), eps, cfg)
-        D_x = x - sigma * eps
+        eps, features = unet.forward_features(x_t, t, ctx, decoder)
+        if eps is None:
+            return (None, features) if return_features else None
+        with torch.no_grad() if decoder == 'no_grad' else contextlib.nullcontext():
+            if uncond_ctx is not None:
+                eps = cfg_eps(unet(x_t, t, uncond_ctx.expand_as(ctx)), eps, cfg)
+            D_x = x - sigma * eps
         return (D_x, features) if return_features else D_x # features: the conditional pass's
     return D
 

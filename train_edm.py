@@ -84,7 +84,7 @@ def build_task(opts, preset, device, rank, world):
 
     return training_loop.Task(
         generator=generator, fake_score=fake_score, head=head,
-        teacher=lambda x, sigma, labels: teacher.forward_features(x, sigma, labels, opts.disc_res),
+        teacher=lambda x, sigma, labels, decoder='grad': teacher.forward_features(x, sigma, labels, opts.disc_res, decoder=decoder),
         cond=cond, real=real, num_real=len(data) if data is not None else 50000, z_shape=shape,
         to_images=lambda y: (y * 127.5 + 128).clamp(0, 255).to(torch.uint8),
         sigma_levels=fdistill.karras_sigmas(1000, 0.002, 80),         # EDM's sampling range (the pickles say 0, inf)

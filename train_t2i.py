@@ -146,8 +146,8 @@ def build_task(opts, device, rank, world):
     fake_score = Denoiser(trainable_copy(teacher_unet, opts.grad_ckpt))
     head_kwargs = dict(channels=[channels[-1]], resolutions=opts.disc_res)
 
-    def teacher(x, sigma, ctx):                 # CFG teacher (App. D.5); features of the conditional pass
-        D_x, features = sd_unet.sd_denoiser(teacher_unet, ctx, uncond, opts.cfg)(x, sigma, return_features=True)
+    def teacher(x, sigma, ctx, decoder='grad'): # CFG teacher (App. D.5); features of the conditional pass
+        D_x, features = sd_unet.sd_denoiser(teacher_unet, ctx, uncond, opts.cfg)(x, sigma, return_features=True, decoder=decoder)
         return D_x, [features['mid']]
 
     def cond(indices):

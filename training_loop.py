@@ -32,7 +32,8 @@ class Task:
     generator:      torch.nn.Module     # generator(z, cond) -> y, the one-step student G_theta.
     fake_score:     torch.nn.Module     # fake_score(x, sigma, cond) -> D(x), the online s_psi.
     head:           torch.nn.Module     # head(features) -> logits, trained part of D_lambda.
-    teacher:        Callable            # teacher(x, sigma, cond) -> (D(x), features), frozen s_phi.
+    teacher:        Callable            # teacher(x, sigma, cond, decoder) -> (D(x), features), frozen s_phi; decoder as in
+                                        # edm_nets.EDMPrecond.forward_features ('no_grad': D(x) detached, 'skip': features only).
     cond:           Callable            # cond(indices) -> conditioning of dataset items (labels, text), on device.
     real:           Callable            # real(indices) -> clean real samples x ~ p_data, on device.
     num_real:       int                 # Dataset size.
@@ -264,7 +265,7 @@ def training_loop(opts, task, rank, world, device):
                 with autocast():
                     y = ddp_generator(z[sl], cond)                                          # Alg. 1 line 4
                     loss, st = fdistill.generator_loss(y, sigma[sl], noise[sl],                # Alg. 1 lines 6-11
-                        lambda x, s: task.teacher(x, s, cond), lambda x, s: fake_score(x, s, cond), head,
+                        lambda x, s: task.teacher(x, s, cond, 'no_grad'), lambda x, s: fake_score(x, s, cond), head,
                         f_div, opts.r_min, opts.r_max, edges, opts.w_gan)
                     if task.regression is not None:
                         loss_reg = task.regression(generator, it * rounds + k)     # plain module: one DDP forward per backward
@@ -297,7 +298,7 @@ def training_loop(opts, task, rank, world, device):
                         y = generator(z[sl], cond)                                          # Alg. 1 line 4
                     loss, st = fdistill.critic_loss(y, x_real, sigma_dsm[sl], noise_dsm[sl],    # Alg. 1 lines 14-15
                         sigma_gan[sl], noise_fake[sl], noise_real[sl],
-                        lambda x, s: task.teacher(x, s, cond), lambda x, s: ddp_fake_score(x, s, cond), ddp_head,
+                        lambda x, s: task.teacher(x, s, cond, 'skip'), lambda x, s: ddp_fake_score(x, s, cond), ddp_head,
                         opts.r1_gamma, task.sigma_data)
                 finite &= bool(torch.isfinite(loss))
                 (loss / rounds).backward()
