@@ -123,7 +123,7 @@ class GaussianEps:
         x0 = mean + abar.sqrt() * self.std ** 2 * (x_t - abar.sqrt() * mean) / (abar * self.std ** 2 + 1 - abar)
         return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
 
-    def forward_features(self, x_t, t, mean):
+    def forward_features(self, x_t, t, mean, decoder='grad'):
         return self(x_t, t, mean), {}
 
 def test_schedule_matches_diffusers_scaled_linear():
