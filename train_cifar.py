@@ -16,6 +16,7 @@ PRESET = dict(
     iterations  = 60000,
     lr          = 1e-4,
     r1_gamma    = 1.0,
+    precision   = 'tf32',         # EDM trains this DDPM++ in fp32 (use_fp16=False); TF32 keeps fp32's range at tensor-core speed.
     # The released edm-cifar10-32x32-cond-vp.pkl architecture (used by --random-teacher benchmarks).
     teacher_kwargs = dict(img_resolution=32, img_channels=3, label_dim=10, model_type='SongUNet',
         embedding_type='positional', encoder_type='standard', decoder_type='standard', channel_mult_noise=1,

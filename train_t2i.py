@@ -1,7 +1,7 @@
 """f-distill of Stable Diffusion v1.5 into a one-step text-to-image generator (Table 5, COYO-700M column).
 
     torchrun --nproc_per_node=8 train_t2i.py --f js --sd stable-diffusion-v1-5/ \\
-        --data captions.jsonl --outdir runs/sd15-js --bf16 --grad-ckpt
+        --data captions.jsonl --outdir runs/sd15-js --grad-ckpt
 
 Algorithm 1 in SD's latent space. The UNets speak EDM's denoiser convention through sd_unet.sd_denoiser,
 so the loop, losses and checkpoints are those of train_cifar.py / train_imagenet.py (training_loop.py).
@@ -33,6 +33,7 @@ PRESET = dict(
     lr          = 1e-5,
     r1_gamma    = 1.0,
     snap_every  = 500,
+    precision   = 'bf16',         # SD v1.5 is released and run in half precision; bf16 needs no loss scaling.
 )
 
 def add_t2i_args(p):

@@ -5,6 +5,7 @@ flags, torchrun DDP, the Alg. 1 schedule, checkpoints and exact resume, logs, gr
 """
 
 import argparse
+import collections
 import contextlib
 import copy
 import gc
@@ -48,6 +49,8 @@ class Task:
 #----------------------------------------------------------------------------
 # Flags. Each script passes its Table 5 preset as the defaults.
 
+PRECISIONS = ('fp32', 'tf32', 'bf16')
+
 def parse_args(description, preset, add_task_args=None, argv=None):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--outdir',          default=preset['outdir'],   help='Run directory (created; holds checkpoints, logs, grids)')
@@ -75,8 +78,8 @@ def parse_args(description, preset, add_task_args=None, argv=None):
     p.add_argument('--grid',            default=64,                 type=int,   help='Images in each sample grid (fixed seeds)')
     p.add_argument('--resume',          default=None, nargs='?', const='latest', help='Continue a run: a checkpoint file, or the latest in --outdir')
     p.add_argument('--init-from',       default=None,               help='Warm start generator, fake score and head from another run\'s checkpoint')
-    p.add_argument('--bf16',            action='store_true',        help='bf16 autocast for all network passes')
-    p.add_argument('--tf32',            action='store_true',        help='Allow TF32 matmuls and convolutions on CUDA')
+    p.add_argument('--precision',       default=None, choices=PRECISIONS, help=f'Network passes in fp32, tf32 (TF32 on CUDA) or bf16 (autocast + TF32); weights, optimiser state, losses, r stay fp32 (default: {preset.get("precision", "fp32")} on CUDA, fp32 on CPU)')
+    p.add_argument('--grad-clip',       default=10.0,               type=float, help='Clip each network\'s gradient norm (generator, fake score, head) to this; 0 = off (DMD2, FastGen: 10)')
     p.add_argument('--max-nan',         default=20,                 type=int,   help='Stop after this many non-finite losses in a row')
     p.add_argument('--benchmark',       default=0,                  type=int,   help='Time this many steps of each kind, write benchmark.json, exit')
     if add_task_args is not None:
@@ -88,6 +91,8 @@ def parse_args(description, preset, add_task_args=None, argv=None):
         p.error('--r-min must lie in (0, 1) and --r-max above 1')
     if opts.tau < 2:
         p.error('--tau must be at least 2: iterations with it % tau != 0 train the critic')
+    if opts.precision is None:
+        opts.precision = preset.get('precision', 'fp32') if torch.cuda.is_available() else 'fp32'
     return opts
 
 #----------------------------------------------------------------------------
@@ -248,7 +253,8 @@ def training_loop(opts, task, rank, world, device):
         ddp_head = DDP(head, device_ids=ids)
     else:
         ddp_generator, ddp_fake_score, ddp_head = generator, fake_score, head
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.bf16)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.precision == 'bf16')
+    parts = Parts(device)
 
     def generator_step(it, f_div):
         head.requires_grad_(False)
@@ -263,19 +269,20 @@ def training_loop(opts, task, rank, world, device):
             cond = task.cond(indices[sl])
             with ddp_generator.no_sync() if (world > 1 and k < rounds - 1) else contextlib.nullcontext():
                 with autocast():
-                    y = ddp_generator(z[sl], cond)                                          # Alg. 1 line 4
+                    y = parts('generator', ddp_generator)(z[sl], cond)                      # Alg. 1 line 4
                     loss, st = fdistill.generator_loss(y, sigma[sl], noise[sl],                # Alg. 1 lines 6-11
-                        lambda x, s: task.teacher(x, s, cond, 'no_grad'), lambda x, s: fake_score(x, s, cond), head,
+                        parts('teacher', lambda x, s: task.teacher(x, s, cond, 'no_grad')),    # one pass; no decoder activations kept
+                        parts('fake_score', lambda x, s: fake_score(x, s, cond)), parts('head', head),
                         f_div, opts.r_min, opts.r_max, edges, opts.w_gan)
                     if task.regression is not None:
                         loss_reg = task.regression(generator, it * rounds + k)     # plain module: one DDP forward per backward
                         st['loss_reg'] = loss_reg.item()
                         loss = loss + loss_reg
                 finite &= bool(torch.isfinite(loss))
-                (loss / rounds).backward()
+                parts('backward', (loss / rounds).backward)()
             stats.append(st)
         head.requires_grad_(True)
-        return step(opt_g, finite), stats
+        return step(opt_g, finite, stats, generator=generator), stats
 
     def critic_step(it):
         g = iteration_generator(opts.seed, it, device)
@@ -295,22 +302,33 @@ def training_loop(opts, task, rank, world, device):
                     no_sync.enter_context(ddp_head.no_sync())
                 with autocast():
                     with torch.no_grad():
-                        y = generator(z[sl], cond)                                          # Alg. 1 line 4
+                        y = parts('generator', generator)(z[sl], cond)                      # Alg. 1 line 4
                     loss, st = fdistill.critic_loss(y, x_real, sigma_dsm[sl], noise_dsm[sl],    # Alg. 1 lines 14-15
                         sigma_gan[sl], noise_fake[sl], noise_real[sl],
-                        lambda x, s: task.teacher(x, s, cond, 'skip'), lambda x, s: ddp_fake_score(x, s, cond), ddp_head,
+                        parts('teacher', lambda x, s: task.teacher(x, s, cond, 'skip')),       # the encoder only: features
+                        parts('fake_score', lambda x, s: ddp_fake_score(x, s, cond)), parts('head', ddp_head),
                         opts.r1_gamma, task.sigma_data)
                 finite &= bool(torch.isfinite(loss))
-                (loss / rounds).backward()
+                parts('backward', (loss / rounds).backward)()
             stats.append(st)
-        return step(opt_c, finite), stats
+        return step(opt_c, finite, stats, fake_score=fake_score, head=head), stats
 
-    # Optimiser step unless some process saw a non-finite loss; then skip it everywhere.
-    def step(opt, finite):
+    # Optimiser step unless some process saw a non-finite loss or gradient; then skip it everywhere. Each
+    # network's gradient (all-reduced: the same on every process) is clipped to norm --grad-clip first, as
+    # DMD2 and FastGen do (10); stats get the norms before clipping.
+    def step(opt, finite, stats, **nets):
+        t0 = parts.start()
+        norms = {}
+        for name, net in nets.items():
+            grads = [p for p in net.parameters() if p.grad is not None]
+            norms[f'grad_norm_{name}'] = torch.nn.utils.clip_grad_norm_(grads, opts.grad_clip or float('inf')).item()
+        finite &= all(np.isfinite(list(norms.values())))
         ok = fdistill.all_reduce(torch.tensor([float(finite)], device=device), dist.ReduceOp.MIN).item() > 0
         if ok:
             opt.step()
         opt.zero_grad(set_to_none=True)
+        stats.append(norms)
+        parts.stop('optimiser', t0)
         return ok
 
     def set_lr(it):
@@ -336,7 +354,7 @@ def training_loop(opts, task, rank, world, device):
         run.save_grid(images, it, task.captions(indices) if task.captions is not None else None)
 
     if opts.benchmark:
-        return benchmark(opts, run, generator_step, critic_step, device, world)
+        return benchmark(opts, run, generator_step, critic_step, parts, device, world)
 
     # Alg. 1 line 2: for iteration in 0..M.
     if start == 0:
@@ -360,7 +378,7 @@ def training_loop(opts, task, rank, world, device):
         nan_run = 0 if ok else nan_run + 1
         if nan_run >= opts.max_nan:
             raise RuntimeError(f'{nan_run} non-finite losses in a row at iteration {it}; stopping. '
-                               f'Last good checkpoint: {last_ckpt}. Try a lower --lr or --r-max, or without --bf16.')
+                               f'Last good checkpoint: {last_ckpt}. Try a lower --lr or --r-max, or --precision fp32.')
         window += stats
         done = it + 1
         if done % opts.log_every == 0 or done == opts.iterations:
@@ -383,11 +401,11 @@ def training_loop(opts, task, rank, world, device):
     run.log(f'Done: {opts.iterations - start} iterations in {(time.time() - t_start) / 3600:.2f} h, {nan_total} skipped steps')
 
 #----------------------------------------------------------------------------
-# A script's whole run: processes, precision flags, the task's networks and data, the loop.
+# A script's whole run: processes, precision, the task's networks and data, the loop.
 
 def main(opts, build_task):
     rank, world, device = init_distributed()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = opts.tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = opts.precision != 'fp32'
     torch.manual_seed(opts.seed)                # The head's initial weights.
     task = build_task(opts, device, rank, world)
     training_loop(opts, task, rank, world, device)
@@ -410,34 +428,89 @@ def memory_gb(device):
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
-# Seconds per generator step (f-distill and reverse-KL on the same model) and per critic step.
-# The ratio of the two generator steps is the price of the weighting: logits are computed anyway.
-# f and reverse-KL steps alternate and medians are reported, so drift in machine load cancels; critic
-# steps run apart, since what a step follows (e.g. R1's large buffers being freed) changes its time.
-def benchmark(opts, run, generator_step, critic_step, device, world):
+# --benchmark: seconds spent in each part of a step (forward passes, backward, optimiser), the device
+# synchronised around every part. Off (a plain call) in training.
+class Parts:
+    def __init__(self, device):
+        self.device, self.on, self.sec = device, False, collections.Counter()
+
+    def sync(self):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+
+    def start(self):
+        if self.on:
+            self.sync()
+        return time.perf_counter()
+
+    def stop(self, name, t0):
+        if self.on:
+            self.sync()
+            self.sec[name] += time.perf_counter() - t0
+
+    def __call__(self, name, fn):
+        def timed(*args):
+            t0 = self.start()
+            out = fn(*args)
+            self.stop(name, t0)
+            return out
+        return timed if self.on else fn
+
+# Seconds per generator step (f-distill and reverse-KL on the same model) and per critic step, each
+# split into its parts, and peak memory. The ratio of the two generator steps is the price of the
+# weighting: logits are computed anyway. f and reverse-KL steps alternate and medians are reported, so
+# drift in machine load cancels; critic steps run apart, since what a step follows (e.g. R1's large
+# buffers being freed) changes its time. R1's cost (its double backward is inside the backward pass) is
+# the critic step with gamma minus the same step without, alternated.
+def benchmark(opts, run, generator_step, critic_step, parts, device, world):
     def timed(fn):
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        t0 = parts.start()
         fn()
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
+        parts.sync()
         return time.perf_counter() - t0
+
+    def peak_memory(kind):
+        if device.type == 'cuda':
+            result[f'memory_gb_{kind}'] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def split(kind, num_steps):
+        result[f'sec_parts_{kind}'] = {k: v / num_steps for k, v in sorted(parts.sec.items())}
+        parts.sec.clear()
+
     div_f, div_rkl = fdistill.divergence(opts.f), fdistill.divergence('rkl')
-    n = opts.benchmark
+    n, gamma, result = opts.benchmark, opts.r1_gamma, {}
     generator_step(0, div_f), generator_step(0, div_rkl)                                # Warm-up.
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    parts.on = True
     t_f, t_rkl = [], []
     for i in range(1, n + 1):                   # ABBA order: neither kind always runs first.
         for div, times in ((div_f, t_f), (div_rkl, t_rkl))[::1 if i % 2 else -1]:
             times.append(timed(lambda: generator_step(i, div)))
+    split('generator_step', 2 * n)
+    peak_memory('generator_step')
+    parts.on = False
     critic_step(1)
+    parts.on = True
     t_c = [timed(lambda: critic_step(i)) for i in range(2, n + 2)]
+    split('critic_step', n)
+    peak_memory('critic_step')
+    if gamma > 0:
+        t_with, t_without = [], []
+        for i in range(2, n + 2):
+            for opts.r1_gamma, times in ((gamma, t_with), (0, t_without))[::1 if i % 2 else -1]:
+                times.append(timed(lambda: critic_step(i)))
+        opts.r1_gamma = gamma
+        result['sec_r1'] = float(np.median(t_with) - np.median(t_without))
+        parts.sec.clear()
+    parts.on = False
     t_f, t_rkl, t_c = np.median(t_f), np.median(t_rkl), np.median(t_c)
     t_it = (t_f + (opts.tau - 1) * t_c) / opts.tau
     result = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu', world_size=world,
-                  batch=opts.batch, bf16=opts.bf16, f=opts.f, steps=opts.benchmark, sec_generator_step=t_f,
+                  batch=opts.batch, precision=opts.precision, f=opts.f, steps=opts.benchmark, sec_generator_step=t_f,
                   sec_generator_step_rkl=t_rkl, sec_critic_step=t_c, ratio_f_over_rkl=t_f / t_rkl,
-                  images_per_sec=opts.batch / t_it, memory_gb=memory_gb(device))
+                  images_per_sec=opts.batch / t_it, memory_gb=memory_gb(device), **result)
     run.write_json('benchmark.json', result)
     run.log(json.dumps(result))
     return result
