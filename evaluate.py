@@ -298,16 +298,20 @@ def check_file(path, what, hint):
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(f'{what} "{path}" not found: {hint}')
 
+# A file (a checkpoint or a generator snapshot), or a run directory: its latest checkpoint, else its latest snapshot.
 def find_checkpoint(path):
     if os.path.isfile(path):
         return path
-    found = sorted(glob.glob(os.path.join(path, 'checkpoint-*.pt'))) if os.path.isdir(path) else []
+    found = (sorted(glob.glob(os.path.join(path, 'checkpoint-*.pt'))) or snapshots_of(path)) if os.path.isdir(path) else []
     if not found:
-        raise FileNotFoundError(f'No run checkpoint at "{path}": pass a run directory holding checkpoint-<iteration>.pt files, or one such file')
+        raise FileNotFoundError(f'No run checkpoint at "{path}": pass a run directory holding checkpoint-<iteration>.pt or snapshot-<iteration>.pt files, or one such file')
     return found[-1]
 
+def snapshots_of(run_dir):
+    return sorted(glob.glob(os.path.join(run_dir, 'snapshot-*.pt')))
+
 # EDM runs (train_cifar.py, train_imagenet.py) and text-to-image runs (train_t2i.py) share training_loop.py's
-# checkpoint; a 'unet_config' entry marks the latter. Memory-mapped: only the tensors used are read (an SD
+# checkpoint and snapshot (the generator part of a checkpoint); a 'unet_config' entry marks the latter. Memory-mapped: only the tensors used are read (an SD
 # checkpoint also holds the fake score and both optimisers' states).
 EDM_KEYS = ('generator_kwargs', 'sigma_init', 'generator')
 T2I_KEYS = ('unet_config', 'generator', 'sd', 'options')
@@ -729,6 +733,9 @@ def cmd_fid(args):
         ckpt, prompts = check_source(args)
         num_images = args.num_images or (len(prompts) if prompts is not None else 50000)
         seed_sets = parse_seed_sets(args.seeds) if args.seeds else [list(range(i * num_images, (i + 1) * num_images)) for i in range(args.repeats)]
+    if args.snapshots:
+        snapshots = check_snapshots(args, seed_sets)
+        pr, need = False, 2
     size = min(num_images if s is None else len(s) for s in seed_sets)
     if size < need:
         raise ValueError(f'each sample set needs at least {need} images for {what}, got {size}')
@@ -746,6 +753,8 @@ def cmd_fid(args):
         stats = stats_of_images(args.ref, detector, args.batch, device, keep_features=pr)
         mu, sigma = stats.mu_sigma()
         ref = dict(mu=mu, sigma=sigma, features=stats.all_features() if pr else None)
+    if args.snapshots:
+        return fid_of_snapshots(args, snapshots, prompts, seed_sets[0], detector, ref, device)
     real_features = torch.as_tensor(ref['features'], device=device) if pr else None
     sampler = load_source(args, ckpt, prompts, device) if args.images is None else None
     results = []
@@ -768,6 +777,54 @@ def cmd_fid(args):
         source = describe_source(args, ckpt, sampler) if sampler is not None else dict(source=args.images)
         write_json(args.report, dict(source, ref=args.ref, k=args.k, sets=results, summary=summary))
         print0(f'FID min {summary["fid"]["min"]:.4f} mean {summary["fid"]["mean"]:.4f} over {len(results)} set(s); wrote "{args.report}"')
+
+# Model selection: FID of every generator snapshot of a run (training_loop writes snapshot-<iteration>.pt every
+# --snap-every, from iteration 0), all on the same seeds, so the curve shows the run and not the seeds. Results go
+# to <run>/fid-snapshots.json and .png after each snapshot; a rerun reuses the entries of the same images and ref.
+def check_snapshots(args, seed_sets):
+    if args.images is not None or args.teacher is not None or not os.path.isdir(args.ckpt or ''):
+        raise ValueError(f'--snapshots scores the snapshots of a run: pass --ckpt RUN_DIR (got --ckpt {args.ckpt})')
+    if len(seed_sets) != 1:
+        raise ValueError('--snapshots takes one seed set per snapshot: drop --repeats, or pass one range to --seeds')
+    snapshots = snapshots_of(args.ckpt)
+    if not snapshots:
+        raise FileNotFoundError(f'No snapshot-<iteration>.pt in "{args.ckpt}": training_loop.py writes them every --snap-every iterations')
+    return snapshots
+
+def fid_of_snapshots(args, snapshots, prompts, seeds, detector, ref, device):
+    path_json, path_png = os.path.join(args.ckpt, 'fid-snapshots.json'), os.path.join(args.ckpt, 'fid-snapshots.png')
+    old = json.load(open(path_json)) if os.path.isfile(path_json) else {}
+    done = {e['path']: e for e in old.get('snapshots', []) if e['num_images'] == len(seeds) and old.get('ref') == args.ref}
+    entries = []
+    for i, path in enumerate(snapshots):
+        if path not in done:
+            ckpt = load_checkpoint(path)
+            stats = stats_of_seeds(load_source(args, ckpt, prompts, device), seeds, detector, args.batch, device, keep_features=False,
+                                   label=f'[snapshot {i + 1}/{len(snapshots)}: iteration {ckpt["iteration"]}] ')
+            mu, sigma = stats.mu_sigma()
+            done[path] = dict(iteration=int(ckpt['iteration']), path=path, fid=frechet_distance(mu, sigma, ref['mu'], ref['sigma']), num_images=len(seeds))
+        entries.append(done[path])
+        best = min(entries, key=lambda e: e['fid'])
+        print0(f'iteration {entries[-1]["iteration"]}  FID {entries[-1]["fid"]:.4f}  ({entries[-1]["num_images"]} images)')
+        if get_rank() == 0:
+            write_json(path_json, dict(snapshots=entries, best=dict(iteration=best['iteration'], path=best['path'], fid=best['fid']), ref=args.ref))
+            plot_fid_snapshots(entries, best, path_png)
+    print0(f'Best: iteration {best["iteration"]}, FID {best["fid"]:.4f} ({best["path"]}); wrote "{path_json}" and "{path_png}"')
+
+def plot_fid_snapshots(entries, best, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([e['iteration'] for e in entries], [e['fid'] for e in entries], 'o-', markersize=3)
+    ax.plot([best['iteration']], [best['fid']], '*', color='tab:red', markersize=12, label=f'best: iteration {best["iteration"]}, FID {best["fid"]:.2f}')
+    ax.set_xlabel('iteration')
+    ax.set_ylabel(f'FID ({entries[0]["num_images"]} images)')
+    ax.set_yscale('log')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 # CLIP score of a folder/zip of images with their captions, or of a text-to-image source's images made on the fly.
 def cmd_clip(args):
@@ -897,6 +954,7 @@ def parse_args(argv=None):
     p.add_argument('--k', type=int, default=3, help='Neighbourhood size of precision/recall (Kynkaenniemi et al.: 3)')
     p.add_argument('--no-pr', action='store_true', help='FID only (e.g. against an EDM .npz without features)')
     p.add_argument('--report', default='metrics.json', help='Output JSON: every set, and min/mean over sets')
+    p.add_argument('--snapshots', action='store_true', help='Score every snapshot-*.pt of the run --ckpt RUN_DIR (FID on --num-images seeds each, e.g. 10000); writes RUN_DIR/fid-snapshots.json and .png, names the best')
     p.add_argument('--batch', type=int, default=64, help='Images per batch and GPU')
     p.set_defaults(func=cmd_fid)
 

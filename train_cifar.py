@@ -16,7 +16,9 @@ PRESET = dict(
     iterations  = 60000,
     lr          = 1e-4,
     r1_gamma    = 1.0,
-    precision   = 'tf32',         # EDM trains this DDPM++ in fp32 (use_fp16=False); TF32 keeps fp32's range at tensor-core speed.
+    ema_halflife_kimg = 500,        # ~2% of the 24.6 Mimg the generator sees (EDM's ImageNet ratio: --ema 50 Mimg of 2.5 Gimg).
+    snap_every  = 2000,             # 31 snapshots of 0.45 GB.
+    precision   = 'tf32',           # EDM trains this DDPM++ in fp32 (use_fp16=False); TF32 keeps fp32's range at tensor-core speed.
     # The released edm-cifar10-32x32-cond-vp.pkl architecture (used by --random-teacher benchmarks).
     teacher_kwargs = dict(img_resolution=32, img_channels=3, label_dim=10, model_type='SongUNet',
         embedding_type='positional', encoder_type='standard', decoder_type='standard', channel_mult_noise=1,

@@ -18,7 +18,9 @@ PRESET = dict(
     lr2         = 5e-7,             # Second stage (App. B): fine-tune at 5e-7 after 200k iterations.
     lr2_at      = 200000,
     r1_gamma    = 0.0,
-    precision   = 'bf16',         # The released ADM runs in fp16 (use_fp16=True); bf16 is as fast with fp32's range, no loss scaling.
+    ema_halflife_kimg = 800,        # ~2% of the 38.9 Mimg the generator sees (EDM's ImageNet ratio: --ema 50 Mimg of 2.5 Gimg).
+    snap_every  = 10000,            # 39 snapshots of 2.4 GB.
+    precision   = 'bf16',           # The released ADM runs in fp16 (use_fp16=True); bf16 is as fast with fp32's range, no loss scaling.
     # The released edm-imagenet-64x64-cond-adm.pkl architecture (used by --random-teacher benchmarks).
     teacher_kwargs = dict(img_resolution=64, img_channels=3, label_dim=1000, use_fp16=True, model_type='DhariwalUNet',
         model_channels=192, channel_mult=[1, 2, 3, 4], dropout=0.1),

@@ -69,15 +69,15 @@ def parse_args(description, preset, add_task_args=None, argv=None):
     p.add_argument('--r-max',           default=preset.get('r_max', 1e2),  type=float, help='Upper clip of the density ratio r (Alg. 1 line 6)')
     p.add_argument('--num-bins',        default=10,                 type=int,   help='Sigma bins of the stage-1 ratio normalisation (Sec. 4)')
     p.add_argument('--disc-res',        default=preset['disc_res'], type=str,   help='Teacher feature resolutions the discriminator reads, e.g. 32,16,8 (Table 5)')
-    p.add_argument('--ema-halflife-kimg', default=0,                type=float, help='EMA half-life of the generator in kimg; 0 = off (paper setting)')
+    p.add_argument('--ema-halflife-kimg', default=preset.get('ema_halflife_kimg', 0), type=float, help='EMA half-life of the generator in kimg of generator-step images; 0 = off')
     p.add_argument('--seed',            default=0,                  type=int,   help='Seed of all randomness (every iteration draws from seed and iteration)')
     p.add_argument('--log-every',       default=preset.get('log_every', 50), type=int, help='Iterations between stats.jsonl lines')
-    p.add_argument('--snap-every',      default=preset.get('snap_every', 1000), type=int, help='Iterations between sample grids')
+    p.add_argument('--snap-every',      default=preset.get('snap_every', 1000), type=int, help='Iterations between generator snapshots (EMA and raw weights, all kept) and sample grids')
     p.add_argument('--ckpt-every',      default=preset.get('ckpt_every', 1000), type=int, help='Iterations between checkpoints')
     p.add_argument('--keep',            default=3,                  type=int,   help='Checkpoints kept (oldest deleted)')
     p.add_argument('--grid',            default=64,                 type=int,   help='Images in each sample grid (fixed seeds)')
     p.add_argument('--resume',          default=None, nargs='?', const='latest', help='Continue a run: a checkpoint file, or the latest in --outdir')
-    p.add_argument('--init-from',       default=None,               help='Warm start generator, fake score and head from another run\'s checkpoint')
+    p.add_argument('--init-from',       default=None,               help='Warm start generator, fake score and head from another run\'s checkpoint (a snapshot: the generator only)')
     p.add_argument('--precision',       default=None, choices=PRECISIONS, help=f'Network passes in fp32, tf32 (TF32 on CUDA) or bf16 (autocast + TF32); weights, optimiser state, losses, r stay fp32 (default: {preset.get("precision", "fp32")} on CUDA, fp32 on CPU)')
     p.add_argument('--grad-clip',       default=10.0,               type=float, help='Clip each network\'s gradient norm (generator, fake score, head) to this; 0 = off (DMD2, FastGen: 10)')
     p.add_argument('--max-nan',         default=20,                 type=int,   help='Stop after this many non-finite losses in a row')
@@ -166,12 +166,13 @@ class Run:
     def checkpoints(self):
         return sorted(glob.glob(os.path.join(self.outdir, 'checkpoint-*.pt')))
 
-    def save_checkpoint(self, state, keep):
+    # Full checkpoints (prefix 'checkpoint', the last `keep` kept) and generator snapshots ('snapshot', all kept).
+    def save_checkpoint(self, state, keep, prefix='checkpoint'):
         if self.rank != 0:
             return
-        path = os.path.join(self.outdir, f'checkpoint-{state["iteration"]:07d}.pt')
+        path = os.path.join(self.outdir, f'{prefix}-{state["iteration"]:07d}.pt')
         atomic_write(path, lambda f: torch.save(state, f))
-        for old in self.checkpoints()[:-keep]:
+        for old in self.checkpoints()[:-keep] if prefix == 'checkpoint' else []:
             os.remove(old)
 
     def save_grid(self, images, it, captions=None):
@@ -233,6 +234,8 @@ def training_loop(opts, task, rank, world, device):
         opt_g.load_state_dict(state['opt_g'])
         opt_c.load_state_dict(state['opt_c'])
         if ema is not None:
+            if state['generator_ema'] is None:
+                raise ValueError(f'{path} was trained without EMA: resume it with --ema-halflife-kimg 0')
             unwrap_net(ema).load_state_dict(state['generator_ema'])
         start, nan_total = state['iteration'], state['nan_total']
         run.truncate_stats(start)
@@ -242,7 +245,8 @@ def training_loop(opts, task, rank, world, device):
         load_networks(state, generator, fake_score, head)
         if ema is not None:
             unwrap_net(ema).load_state_dict(state['generator'])
-        run.log(f'Warm start from {opts.init_from} (iteration {state["iteration"]} of that run)')
+        run.log(f'Warm start from {opts.init_from} (iteration {state["iteration"]} of that run'
+                + ('' if 'fake_score' in state else '; a snapshot: fake score and head start as in a new run') + ')')
 
     # DDP. The critic step sees the fake score and head through DDP; the generator step sees the
     # generator through DDP and calls the head's plain module with its parameters frozen.
@@ -337,12 +341,20 @@ def training_loop(opts, task, rank, world, device):
             for group in opt.param_groups:
                 group['lr'] = lr
 
-    def checkpoint_state(it):
-        return dict(iteration=it, nan_total=nan_total, options=vars(opts), **task.meta,
+    # A snapshot is what evaluate.py needs to rebuild the generator; a checkpoint adds what resuming needs.
+    def snapshot_state(it):
+        return dict(iteration=it, options=vars(opts), **task.meta,
             generator=unwrap_net(generator).state_dict(),
-            generator_ema=unwrap_net(ema).state_dict() if ema is not None else None,
+            generator_ema=unwrap_net(ema).state_dict() if ema is not None else None)
+
+    def checkpoint_state(it):
+        return dict(snapshot_state(it), nan_total=nan_total,
             fake_score=unwrap_net(fake_score).state_dict(), head=head.state_dict(),
             opt_g=opt_g.state_dict(), opt_c=opt_c.state_dict())
+
+    def snapshot(it):
+        grid(it)
+        run.save_checkpoint(snapshot_state(it), None, prefix='snapshot')
 
     def grid(it):
         net = ema if ema is not None else generator
@@ -360,7 +372,7 @@ def training_loop(opts, task, rank, world, device):
     if start == 0:
         run.write_json('training_options.json', dict(vars(opts), world_size=world, batch_gpu=batch_gpu, rounds=rounds))
         run.log(f'f-distill with {div.name} (--f {opts.f}): {opts.iterations} iterations, batch {opts.batch} = {world} x {batch_gpu} x {rounds} rounds')
-        grid(0)
+        snapshot(0)                             # the generator as it starts: a FID curve begins where the run did
     t_start, t_log, it_log = time.time(), time.time(), start
     window, nan_run, last_ckpt = [], 0, (run.checkpoints() or [None])[-1]
     for it in range(start, opts.iterations):
@@ -394,7 +406,7 @@ def training_loop(opts, task, rank, world, device):
                     + '  '.join(f'{k} {entry[k]:.4g}' for k in ('loss_fdistill', 'loss_dsm', 'loss_gan_d', 'h_ess', 'r_mean') if k in entry))
             window, t_log, it_log = [], t_now, done
         if done % opts.snap_every == 0 or done == opts.iterations:
-            grid(done)
+            snapshot(done)
         if done % opts.ckpt_every == 0 or done == opts.iterations:
             run.save_checkpoint(checkpoint_state(done), opts.keep)
             last_ckpt = os.path.join(opts.outdir, f'checkpoint-{done:07d}.pt')
@@ -420,8 +432,9 @@ def unwrap_net(module):
 
 def load_networks(state, generator, fake_score, head):
     unwrap_net(generator).load_state_dict(state['generator'])
-    unwrap_net(fake_score).load_state_dict(state['fake_score'])
-    head.load_state_dict(state['head'])
+    if 'fake_score' in state:                   # a snapshot holds the generator only
+        unwrap_net(fake_score).load_state_dict(state['fake_score'])
+        head.load_state_dict(state['head'])
 
 def memory_gb(device):
     if device.type == 'cuda':

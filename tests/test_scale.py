@@ -1,6 +1,7 @@
 """Scaling the training run (issue 11): feature passes that stop after the deepest tap, precision,
 gradient clipping, EMA and generator snapshots with FID per snapshot, the benchmark's parts."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ import fdistill
 import sd_unet
 from test_edm_nets import inputs, randomize, tiny_adm, tiny_song
 from test_sd_unet import TINY
+from test_train import files                        # noqa: F401 (fixture: tiny teacher pickle, dataset zip)
 
 #----------------------------------------------------------------------------
 # Feature passes. The truth is the full pass (decoder='grad', as before): 'no_grad' and 'skip' must give
@@ -108,3 +110,88 @@ def test_generator_and_critic_steps_with_feature_passes_equal_full_passes():
         assert all(torch.equal(a, b) for a, b in zip(grads_new, grads_full))
 
 #----------------------------------------------------------------------------
+# Precision, gradient clipping, snapshots and FID per snapshot, warm start from a snapshot: one short run of
+# the real loop on the CIFAR task (tiny official-format teacher), then the evaluation and a second run.
+def test_clipping_snapshots_fid_per_snapshot_and_warm_start(files, tmp_path, monkeypatch):
+    import collections, json, os
+    import evaluate, train_cifar, train_edm, training_loop
+    from test_evaluate import TinyDetector
+    cpu = torch.device('cpu')
+
+    def run(outdir, *args):
+        opts = training_loop.parse_args('test', train_cifar.PRESET, train_edm.add_edm_args, [
+            '--teacher', str(files / 'teacher.pkl'), '--data', str(files / 'data.zip'), '--outdir', str(outdir), '--batch', '4',
+            '--disc-res', '8', '--grid', '4', '--log-every', '1', '--lr', '1e-3', *args])
+        task = train_edm.build_task(opts, train_cifar.PRESET, cpu, 0, 1)
+        training_loop.training_loop(opts, task, 0, 1, cpu)
+        return opts, task
+
+    # The gradient norm of each network when AdamW steps, seen from the optimiser itself.
+    seen, adamw_step = [], torch.optim.AdamW.step
+    def step(self, *args, **kwargs):
+        norms = collections.defaultdict(float)
+        for group in self.param_groups:
+            for p in group['params']:
+                if p.grad is not None:
+                    norms[names[id(p)]] += p.grad.double().square().sum().item()
+        seen.append({k: v ** 0.5 for k, v in norms.items()})
+        return adamw_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, 'step', step)
+    build = train_edm.build_task
+    def build_and_name(*args):
+        task = build(*args)
+        names.update({id(p): name for name, net in (('generator', task.generator), ('fake_score', task.fake_score), ('head', task.head)) for p in net.parameters()})
+        return task
+    names = {}
+    monkeypatch.setattr(train_edm, 'build_task', build_and_name)
+
+    out = tmp_path / 'run'
+    clip = 0.05
+    opts, task = run(out, '--iterations', '3', '--snap-every', '2', '--ckpt-every', '3', '--grad-clip', str(clip), '--ema-halflife-kimg', '0.01')
+    assert opts.precision == 'fp32' and opts.ema_halflife_kimg == 0.01
+    # Clipping: AdamW sees min(norm, clip) for every network, the norm before clipping being what stats report.
+    stats = [json.loads(line) for line in open(out / 'stats.jsonl')]
+    reported = [{k[len('grad_norm_'):]: v for k, v in s.items() if k.startswith('grad_norm_')} for s in stats]
+    assert [sorted(r) for r in reported] == [['generator'], ['fake_score', 'head'], ['fake_score', 'head']]
+    assert [sorted(s) for s in seen] == [sorted(r) for r in reported]
+    clipped = 0
+    for r, s in zip(reported, seen):
+        for name in r:
+            assert s[name] == pytest.approx(min(r[name], clip), rel=1e-4)   # clip * norm / (norm + 1e-6), float32 sums
+            clipped += r[name] > clip
+    assert clipped > 0
+    # Snapshots at 0 (the teacher copy), every --snap-every and at the end: generator and EMA only.
+    teacher = edm_nets.load_edm_pickle(str(files / 'teacher.pkl'))['ema'].state_dict()
+    snaps = {it: training_loop.load_checkpoint(str(out / f'snapshot-{it:07d}.pt')) for it in (0, 2, 3)}
+    ckpt = training_loop.load_checkpoint(str(out / 'checkpoint-0000003.pt'))
+    assert set(snaps[3]) == {'iteration', 'options', 'generator_kwargs', 'sigma_init', 'head_kwargs', 'generator', 'generator_ema'}
+    assert all(torch.equal(snaps[0]['generator'][k], teacher[k]) for k in teacher)
+    for key in ('generator', 'generator_ema'):
+        assert all(torch.equal(snaps[3][key][k], ckpt[key][k]) for k in teacher)
+
+    # FID per snapshot equals the plain FID command on that snapshot file; the best is the minimum.
+    monkeypatch.setattr(evaluate, 'FEATURE_DIM', 32)
+    detector = str(tmp_path / 'detector.pt')
+    torch.jit.script(TinyDetector(32)).save(detector)
+    common = ['--ref', str(files / 'data.zip'), '--detector', detector, '--num-images', '6', '--no-pr']
+    evaluate.main(['fid', '--ckpt', str(out), '--snapshots', *common])
+    result = json.load(open(out / 'fid-snapshots.json'))
+    assert [e['iteration'] for e in result['snapshots']] == [0, 2, 3] and all(e['num_images'] == 6 for e in result['snapshots'])
+    best = min(result['snapshots'], key=lambda e: e['fid'])
+    assert result['best'] == dict(iteration=best['iteration'], path=best['path'], fid=best['fid'])
+    assert os.path.getsize(out / 'fid-snapshots.png') > 0
+    evaluate.main(['fid', '--ckpt', str(out / 'snapshot-0000002.pt'), *common, '--report', str(tmp_path / 'one.json')])
+    assert json.load(open(tmp_path / 'one.json'))['sets'][0]['fid'] == pytest.approx(result['snapshots'][1]['fid'], rel=1e-9)
+    with pytest.raises(SystemExit, match='--snapshots scores the snapshots of a run'):
+        evaluate.main(['fid', '--ckpt', str(out / 'snapshot-0000002.pt'), '--snapshots', *common])
+
+    # Warm start from a snapshot, in bf16 autocast: the generator comes from it, the fake score is the
+    # teacher as in a new run, the weights stay fp32.
+    out2 = tmp_path / 'warm'
+    run(out2, '--iterations', '2', '--lr', '0', '--wd', '0', '--init-from', str(out / 'snapshot-0000003.pt'), '--precision', 'bf16')
+    warm = training_loop.load_checkpoint(str(out2 / 'checkpoint-0000002.pt'))
+    assert warm['options']['precision'] == 'bf16'
+    assert all(torch.equal(warm['generator'][k], snaps[3]['generator'][k]) for k in teacher)
+    assert all(torch.equal(warm['fake_score'][k], teacher[k]) for k in teacher)
+    assert all(v.dtype == torch.float32 for v in list(warm['generator'].values()) + list(warm['head'].values()) if v.is_floating_point())
+    assert all(np.isfinite(v) for s in map(json.loads, open(out2 / 'stats.jsonl')) for v in s.values())
