@@ -144,13 +144,20 @@ def cfg_denoiser(D_cond, D_uncond, scale):
 #----------------------------------------------------------------------------
 # The auxiliary losses: fake-score denoising score matching, non-saturating GAN, R1.
 
-# Alg. 1 line 14: DSM on generator samples with EDM's weighting lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2.
-def fake_score_loss(fake_score, y, sigma, noise, sigma_data=0.5):
+# Alg. 1 line 14: DSM on generator samples, lambda(sigma) ||D(y + sigma n) - y||^2, with EDM's weighting
+# lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2 unless `weight` gives another lambda.
+def fake_score_loss(fake_score, y, sigma, noise, sigma_data=0.5, weight=None):
     shape = (-1,) + (1,) * (y.ndim - 1)
     sigma = sigma.reshape(shape)
     D = fake_score(y + sigma * noise, sigma)
-    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2 if weight is None else weight(sigma)
     return (weight * (D.float() - y.float()).square()).mean()
+
+# An eps-prediction UNet's own loss, as SD is trained and DMD2 trains its fake score: ||eps_hat - eps||^2 =
+# ||D - y||^2 / sigma^2, since D = x - sigma eps_hat and x = y + sigma eps. (EDM's lambda with sigma_data = 1
+# is (1 + sigma^2) times this: 214x at SD's t = 999.)
+def eps_weight(sigma):
+    return 1 / sigma ** 2
 
 # Sec. 3, L_GAN(lambda), with D_lambda = sigmoid(logit): -log D(real) - log(1 - D(fake)).
 def gan_discriminator_loss(logits_real, logits_fake):
@@ -164,6 +171,12 @@ def gan_generator_loss(logits_fake):
 def r1_penalty(logits_real, x_real):
     grad, = torch.autograd.grad(logits_real.sum(), x_real, create_graph=True)
     return grad.float().square().flatten(1).sum(1).mean()
+
+# R1 by finite differences (FastGen's approximate R1, after APT, Lin et al. 2025): E_n (logit(x + alpha n) -
+# logit(x))^2 / alpha^2, which tends to E||grad_x logit(x)||^2 as alpha -> 0 (n ~ N(0, I)), so gamma keeps
+# its meaning. No double backward: the frozen teacher's features need no graph, only the head's.
+def r1_penalty_approx(logits_real, logits_perturbed, alpha):
+    return ((logits_perturbed.float() - logits_real.float()) / alpha).square().mean()
 
 #----------------------------------------------------------------------------
 # Discriminator head on frozen teacher features (App. B): one small conv branch per feature
@@ -213,21 +226,31 @@ def generator_loss(y, sigma, noise, teacher, fake_score, head, div, r_min, r_max
     return loss_fdistill + w_gan * loss_gan, stats
 
 # Alg. 1 lines 14-15: the fake score learns the generator's distribution by DSM; the head learns
-# real-vs-generated on teacher features, plus gamma/2 * R1 on the noised real inputs.
-def critic_loss(y, x_real, sigma_dsm, noise_dsm, sigma_gan, noise_fake, noise_real, teacher, fake_score, head, gamma, sigma_data=0.5):
+# real-vs-generated on teacher features, plus gamma/2 * R1 on the noised real inputs: exact, or with
+# r1_alpha > 0 by finite differences along noise_r1.
+def critic_loss(y, x_real, sigma_dsm, noise_dsm, sigma_gan, noise_fake, noise_real, teacher, fake_score, head, gamma, sigma_data=0.5,
+                dsm_weight=None, r1_alpha=0, noise_r1=None):
     shape = (-1,) + (1,) * (y.ndim - 1)
     y = y.detach()
-    loss_dsm = fake_score_loss(fake_score, y, sigma_dsm, noise_dsm, sigma_data)
+    loss_dsm = fake_score_loss(fake_score, y, sigma_dsm, noise_dsm, sigma_data, dsm_weight)
     with torch.no_grad():
         _, features_fake = teacher(y + sigma_gan.reshape(shape) * noise_fake, sigma_gan.reshape(shape))
-    x_real_t = (x_real + sigma_gan.reshape(shape) * noise_real).detach().requires_grad_(gamma > 0)
-    # R1 differentiates through the teacher twice; fused attention kernels have no double backward.
-    with torch.set_grad_enabled(gamma > 0), sdpa_kernel(SDPBackend.MATH) if gamma > 0 else contextlib.nullcontext():
+    exact_r1 = gamma > 0 and not r1_alpha > 0
+    x_real_t = (x_real + sigma_gan.reshape(shape) * noise_real).detach().requires_grad_(exact_r1)
+    # Exact R1 differentiates through the teacher twice; fused attention kernels have no double backward.
+    with torch.set_grad_enabled(exact_r1), sdpa_kernel(SDPBackend.MATH) if exact_r1 else contextlib.nullcontext():
         _, features_real = teacher(x_real_t, sigma_gan.reshape(shape))
-    logits = head([torch.cat([real, fake]) for real, fake in zip(features_real, features_fake)])  # one call: DDP-friendly
-    logits_real, logits_fake = logits.split([len(x_real), len(y)])
+    features = [features_real, features_fake]
+    if gamma > 0 and r1_alpha > 0:
+        with torch.no_grad():
+            features.append(teacher(x_real_t + r1_alpha * noise_r1, sigma_gan.reshape(shape))[1])
+    logits = head([torch.cat(f) for f in zip(*features)])                                      # one call: DDP-friendly
+    logits_real, logits_fake, logits_perturbed = logits.split([len(x_real), len(y), len(logits) - len(x_real) - len(y)])
     loss_gan = gan_discriminator_loss(logits_real, logits_fake)
-    loss_r1 = r1_penalty(logits_real, x_real_t) if gamma > 0 else torch.zeros([], device=y.device)
+    if gamma > 0:
+        loss_r1 = r1_penalty(logits_real, x_real_t) if exact_r1 else r1_penalty_approx(logits_real, logits_perturbed, r1_alpha)
+    else:
+        loss_r1 = torch.zeros([], device=y.device)
     stats = dict(loss_dsm=loss_dsm.item(), loss_gan_d=loss_gan.item(), loss_r1=loss_r1.item(),
                  logit_real=logits_real.mean().item(), logit_fake=logits_fake.mean().item())
     return loss_dsm + loss_gan + 0.5 * gamma * loss_r1, stats

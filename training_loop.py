@@ -42,6 +42,7 @@ class Task:
     to_images:      Callable            # to_images(y) -> uint8 NCHW, for sample grids.
     sigma_levels:   torch.Tensor        # Ascending 1000-level noise discretisation (DMD2).
     sigma_data:     float = 0.5         # EDM's sigma_data for the DSM weighting.
+    dsm_weight:     Optional[Callable] = None   # dsm_weight(sigma) -> lambda(sigma) of the fake score's DSM; None = EDM's with sigma_data.
     meta:           dict = field(default_factory=dict)  # Extra checkpoint entries (generator_kwargs, sigma_init, head_kwargs).
     regression:     Optional[Callable] = None   # regression(generator, step) -> loss, DMD's optional regression term.
     captions:       Optional[Callable] = None   # captions(indices) -> list of str, written beside grids.
@@ -65,6 +66,7 @@ def parse_args(description, preset, add_task_args=None, argv=None):
     p.add_argument('--lr2-at',          default=preset.get('lr2_at', 0), type=int, help='Iteration at which --lr2 takes over')
     p.add_argument('--wd',              default=1e-2,               type=float, help='AdamW weight decay (Table 5)')
     p.add_argument('--r1-gamma',        default=preset['r1_gamma'], type=float, help='R1 penalty weight gamma on noised real inputs (Table 5)')
+    p.add_argument('--r1-approx',       default=preset.get('r1_approx', 0.0), type=float, help='R1 by finite differences with perturbation alpha * N(0, I) (FastGen); 0 = exact R1 (double backward)')
     p.add_argument('--r-min',           default=preset.get('r_min', 1e-2), type=float, help='Lower clip of the density ratio r (Alg. 1 line 6)')
     p.add_argument('--r-max',           default=preset.get('r_max', 1e2),  type=float, help='Upper clip of the density ratio r (Alg. 1 line 6)')
     p.add_argument('--num-bins',        default=10,                 type=int,   help='Sigma bins of the stage-1 ratio normalisation (Sec. 4)')
@@ -295,6 +297,7 @@ def training_loop(opts, task, rank, world, device):
         sigma_gan = fdistill.sample_sigma(levels, opts.batch, generator=g)               # same sigmas as r is read at
         noise_dsm, noise_fake, noise_real = [randn(g, opts.batch, task.z_shape, device) for _ in range(3)]
         indices = torch.randint(task.num_real, (opts.batch,), generator=g, device=device).cpu()
+        noise_r1 = randn(g, opts.batch, task.z_shape, device) if opts.r1_approx > 0 else None
         stats, finite = [], True
         for k in range(rounds):
             sl = slice((k * world + rank) * batch_gpu, (k * world + rank + 1) * batch_gpu)
@@ -311,7 +314,7 @@ def training_loop(opts, task, rank, world, device):
                         sigma_gan[sl], noise_fake[sl], noise_real[sl],
                         parts('teacher', lambda x, s: task.teacher(x, s, cond, 'skip')),       # the encoder only: features
                         parts('fake_score', lambda x, s: ddp_fake_score(x, s, cond)), parts('head', ddp_head),
-                        opts.r1_gamma, task.sigma_data)
+                        opts.r1_gamma, task.sigma_data, task.dsm_weight, opts.r1_approx, noise_r1[sl] if noise_r1 is not None else None)
                 finite &= bool(torch.isfinite(loss))
                 parts('backward', (loss / rounds).backward)()
             stats.append(st)

@@ -195,3 +195,36 @@ def test_clipping_snapshots_fid_per_snapshot_and_warm_start(files, tmp_path, mon
     assert all(torch.equal(warm['fake_score'][k], teacher[k]) for k in teacher)
     assert all(v.dtype == torch.float32 for v in list(warm['generator'].values()) + list(warm['head'].values()) if v.is_floating_point())
     assert all(np.isfinite(v) for s in map(json.loads, open(out2 / 'stats.jsonl')) for v in s.values())
+
+#----------------------------------------------------------------------------
+# SD specifics: the fake score's DSM in eps-MSE, and R1 by finite differences.
+
+def test_eps_weight_dsm_is_sd_eps_mse():
+    torch.manual_seed(1)
+    unet = sd_unet.SDUNet(**TINY).eval()
+    ctx = torch.randn(3, 5, 32)
+    y, noise = torch.randn(2, 3, 4, 8, 8)
+    sigma = sd_unet.SIGMAS[[0, 500, 999]].float()
+    loss = fdistill.fake_score_loss(sd_unet.sd_denoiser(unet, ctx), y, sigma, noise, weight=fdistill.eps_weight)
+    # independent: SD's own training loss at those timesteps, x_t = sqrt(abar) y + sqrt(1 - abar) eps
+    with torch.no_grad():
+        eps_hat = unet(sd_unet.add_noise(y, noise, [0, 500, 999]), torch.tensor([0, 500, 999]), ctx)
+    torch.testing.assert_close(loss.detach(), (eps_hat - noise).square().mean(), rtol=1e-4, atol=0)
+
+def test_approximate_r1_tends_to_exact_r1():
+    # Along the d basis directions, sum_i ((logit(x + alpha e_i) - logit(x)) / alpha)^2 = ||grad logit||^2 + O(alpha):
+    # one batch holds the same noised real input d times, noise_r1[i] = e_i.
+    from test_fdistill import TinyTeacher
+    torch.manual_seed(2)
+    teacher, head = TinyTeacher().requires_grad_(False), fdistill.DiscriminatorHead([8], [8])
+    d = 2 * 8 * 8
+    x_real = torch.randn(1, 2, 8, 8).expand(d, -1, -1, -1)
+    sigma, zeros = torch.full([d], 0.7), torch.zeros(d, 2, 8, 8)
+    fake_score = lambda x, s: x
+    basis = torch.eye(d).reshape(d, 2, 8, 8)
+    args = (torch.zeros(d, 2, 8, 8), x_real, sigma, zeros, sigma, zeros, zeros, teacher, fake_score, head, 1.0)
+    _, exact = fdistill.critic_loss(*args)
+    _, approx = fdistill.critic_loss(*args, r1_alpha=1e-3, noise_r1=basis)
+    assert exact['loss_r1'] > 0
+    assert approx['loss_r1'] * d == pytest.approx(exact['loss_r1'], rel=2e-2)   # float32 differences at alpha 1e-3
+    assert approx['loss_gan_d'] == exact['loss_gan_d']
