@@ -18,7 +18,7 @@ class ImageDataset:
         if not os.path.exists(path):
             raise FileNotFoundError(f'Dataset not found: {path} (pass a zip or folder of PNGs made by EDM\'s dataset_tool.py)')
         self.path = path
-        self._zip = None
+        self._zip, self._zip_pid = None, None
         if os.path.isdir(path):
             names = [os.path.relpath(os.path.join(root, f), path).replace('\\', '/') for root, _, files in os.walk(path) for f in files]
         elif zipfile.is_zipfile(path):
@@ -38,9 +38,10 @@ class ImageDataset:
     def __len__(self):
         return len(self.files)
 
+    # One handle per process: DataLoader workers are forked, and a shared zip handle would interleave their reads.
     def _open_zip(self):
-        if self._zip is None:
-            self._zip = zipfile.ZipFile(self.path)
+        if self._zip is None or self._zip_pid != os.getpid():
+            self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
         return self._zip
 
     def _open(self, name):

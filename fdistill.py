@@ -91,8 +91,10 @@ def ratio(logits, r_min, r_max):
 
 # Alg. 1 line 7, stage 1: E_q[r_t] = 1 at every t, so divide r by its mean within its sigma bin.
 # (Alg. 1 writes r_i / sum_i r_i; Sec. 4 says average, which keeps E[r] = 1 as h expects.)
-# Sums and counts are all-reduced, so the means are over the global batch.
-def normalize_ratio(r, sigma, edges):
+# Sums and counts are all-reduced, so the means are over the global batch. With `running` (a float64 tensor
+# of per-bin means, NaN = none yet) the means are an EMA across iterations instead, running <- beta running +
+# (1 - beta) batch mean, updated in place (FastGen uses beta = 0.5 on ImageNet-64); bins absent keep theirs.
+def normalize_ratio(r, sigma, edges, running=None, beta=0.0):
     sigma = torch.as_tensor(sigma, device=r.device).flatten().expand(r.shape)   # [B], or one sigma for all
     idx = torch.bucketize(sigma.float(), edges.to(r.device))
     stats = torch.zeros(2, len(edges) + 1, device=r.device, dtype=torch.float64)
@@ -100,6 +102,9 @@ def normalize_ratio(r, sigma, edges):
     stats[1].index_add_(0, idx, torch.ones_like(r, dtype=torch.float64))
     all_reduce(stats)
     mean = stats[0] / stats[1].clamp(min=1)
+    if running is not None:
+        ema = torch.where(torch.isnan(running), mean, beta * running + (1 - beta) * mean)
+        mean = running.copy_(torch.where(stats[1] > 0, ema, running))
     return r / mean[idx].float()
 
 # Alg. 1 line 9, stage 2: divide h by its global batch mean, so the f-distill term keeps the same scale
@@ -110,9 +115,9 @@ def normalize_weight(h):
 
 # Alg. 1 lines 6-9, with the diagnostics users need to spot high-variance training (App. D.4).
 @torch.no_grad()
-def weights(logits, sigma, div, r_min, r_max, edges):
+def weights(logits, sigma, div, r_min, r_max, edges, running=None, beta=0.0):
     r = ratio(logits.detach().flatten(), r_min, r_max)
-    h_bar = normalize_weight(div.h(normalize_ratio(r, sigma, edges)))
+    h_bar = normalize_weight(div.h(normalize_ratio(r, sigma, edges, running, beta)))
     clipped = ((r <= r_min * (1 + 1e-6)) | (r >= r_max * (1 - 1e-6))).float()
     sums = all_reduce(torch.stack([r.sum(), clipped.sum(), h_bar.sum(), h_bar.square().sum(), torch.tensor(float(r.numel()), device=r.device)]).double())
     mins = all_reduce(torch.stack([r.min(), h_bar.min()]), dist.ReduceOp.MIN)
@@ -211,7 +216,7 @@ class DiscriminatorHead(torch.nn.Module):
 
 # Alg. 1 lines 6-12: f-distill loss + w_GAN * generator GAN loss. The logits the GAN loss needs
 # give r for free; the teacher runs once, with gradients to y through its features only.
-def generator_loss(y, sigma, noise, teacher, fake_score, head, div, r_min, r_max, edges, w_gan):
+def generator_loss(y, sigma, noise, teacher, fake_score, head, div, r_min, r_max, edges, w_gan, ratio_means=None, ratio_ema=0.0):
     shape = (-1,) + (1,) * (y.ndim - 1)
     x_t = y + sigma.reshape(shape) * noise                  # Eq. 4: x = G(z) + sigma * eps
     with torch.set_grad_enabled(w_gan > 0):
@@ -219,7 +224,7 @@ def generator_loss(y, sigma, noise, teacher, fake_score, head, div, r_min, r_max
         logits = head(features)
     with torch.no_grad():
         D_fake = fake_score(x_t.detach(), sigma.reshape(shape))
-    h_bar, stats = weights(logits, sigma, div, r_min, r_max, edges)
+    h_bar, stats = weights(logits, sigma, div, r_min, r_max, edges, ratio_means, ratio_ema)
     loss_fdistill = fdistill_loss(y, D_teacher.detach(), D_fake, h_bar)
     loss_gan = gan_generator_loss(logits)
     stats.update(loss_fdistill=loss_fdistill.item(), loss_gan_g=loss_gan.item())

@@ -77,10 +77,10 @@ def build_task(opts, preset, device, rank, world):
             return F.one_hot(torch.as_tensor(indices) % num_classes, num_classes).float().to(device)
         return data.one_hot(indices, num_classes).to(device)
 
-    def real(indices):
+    def real(indices):                                          # on the CPU: DataLoader workers call it
         if data is None:
-            return torch.rand((len(indices),) + shape, device=device) * 2 - 1
-        return data.images(indices).to(device).float() / 127.5 - 1
+            return torch.rand((len(indices),) + shape) * 2 - 1
+        return data.images(indices).float() / 127.5 - 1
 
     return training_loop.Task(
         generator=generator, fake_score=fake_score, head=head,

@@ -162,7 +162,7 @@ def build_task(opts, device, rank, world):
     return training_loop.Task(
         generator=generator, fake_score=fake_score, head=fdistill.DiscriminatorHead(**head_kwargs),
         teacher=teacher, cond=cond, num_real=len(pairs), z_shape=tuple(latents.shape[1:]),
-        real=lambda indices: torch.from_numpy(np.stack([latents[i] for i in indices])).float().to(device),
+        real=lambda indices: torch.from_numpy(np.stack([latents[i] for i in indices])).float(),          # on the CPU: DataLoader workers
         to_images=to_images, sigma_levels=sd_unet.SIGMAS.float(), dsm_weight=fdistill.eps_weight,     # the fake score's DSM in SD's eps-MSE (DMD2)
         meta=dict(sd=os.path.abspath(opts.sd), unet_config=sd['unet_config'], head_kwargs=head_kwargs, cfg=opts.cfg),
         captions=lambda indices: [pairs[i][1] for i in indices])

@@ -36,7 +36,7 @@ class Task:
     teacher:        Callable            # teacher(x, sigma, cond, decoder) -> (D(x), features), frozen s_phi; decoder as in
                                         # edm_nets.EDMPrecond.forward_features ('no_grad': D(x) detached, 'skip': features only).
     cond:           Callable            # cond(indices) -> conditioning of dataset items (labels, text), on device.
-    real:           Callable            # real(indices) -> clean real samples x ~ p_data, on device.
+    real:           Callable            # real(indices) -> clean real samples x ~ p_data, on the CPU (DataLoader workers call it).
     num_real:       int                 # Dataset size.
     z_shape:        tuple               # Shape of one latent z.
     to_images:      Callable            # to_images(y) -> uint8 NCHW, for sample grids.
@@ -70,6 +70,7 @@ def parse_args(description, preset, add_task_args=None, argv=None):
     p.add_argument('--r-min',           default=preset.get('r_min', 1e-2), type=float, help='Lower clip of the density ratio r (Alg. 1 line 6)')
     p.add_argument('--r-max',           default=preset.get('r_max', 1e2),  type=float, help='Upper clip of the density ratio r (Alg. 1 line 6)')
     p.add_argument('--num-bins',        default=10,                 type=int,   help='Sigma bins of the stage-1 ratio normalisation (Sec. 4)')
+    p.add_argument('--ratio-ema',       default=0.0,                type=float, help='EMA decay of the stage-1 per-bin ratio means across iterations (FastGen: 0.5 on ImageNet-64); 0 = this batch only')
     p.add_argument('--disc-res',        default=preset['disc_res'], type=str,   help='Teacher feature resolutions the discriminator reads, e.g. 32,16,8 (Table 5)')
     p.add_argument('--ema-halflife-kimg', default=preset.get('ema_halflife_kimg', 0), type=float, help='EMA half-life of the generator in kimg of generator-step images; 0 = off')
     p.add_argument('--seed',            default=0,                  type=int,   help='Seed of all randomness (every iteration draws from seed and iteration)')
@@ -82,6 +83,7 @@ def parse_args(description, preset, add_task_args=None, argv=None):
     p.add_argument('--init-from',       default=None,               help='Warm start generator, fake score and head from another run\'s checkpoint (a snapshot: the generator only)')
     p.add_argument('--precision',       default=None, choices=PRECISIONS, help=f'Network passes in fp32, tf32 (TF32 on CUDA) or bf16 (autocast + TF32); weights, optimiser state, losses, r stay fp32 (default: {preset.get("precision", "fp32")} on CUDA, fp32 on CPU)')
     p.add_argument('--grad-clip',       default=10.0,               type=float, help='Clip each network\'s gradient norm (generator, fake score, head) to this; 0 = off (DMD2, FastGen: 10)')
+    p.add_argument('--workers',         default=2,                  type=int,   help='DataLoader processes per GPU reading real samples ahead of the loop; 0 = in the loop')
     p.add_argument('--max-nan',         default=20,                 type=int,   help='Stop after this many non-finite losses in a row')
     p.add_argument('--benchmark',       default=0,                  type=int,   help='Time this many steps of each kind, write benchmark.json, exit')
     if add_task_args is not None:
@@ -130,6 +132,21 @@ def close_distributed():
 
 def iteration_generator(seed, it, device):
     return torch.Generator(device).manual_seed(seed * 2 ** 32 + it)
+
+# Which dataset items iteration `it` uses (global batch), from a CPU stream of its own, so DataLoader workers
+# can read them ahead of the loop.
+def data_indices(seed, it, num_real, batch):
+    return torch.randint(num_real, (batch,), generator=torch.Generator().manual_seed(seed * 2 ** 32 + it + 2 ** 62))
+
+# The real samples x ~ p_data of one critic iteration (Alg. 1 line 15) that this process uses: one tensor per
+# accumulation round, read by DataLoader workers (pinned for the copy to the GPU).
+class RealSamples(torch.utils.data.Dataset):
+    def __init__(self, real, seed, num_real, batch, slices):
+        self.real, self.seed, self.num_real, self.batch, self.slices = real, seed, num_real, batch, slices
+
+    def __getitem__(self, it):
+        indices = data_indices(self.seed, it, self.num_real, self.batch)
+        return [self.real(indices[sl]) for sl in self.slices]
 
 def randn(g, batch, shape, device):
     return torch.randn((batch,) + tuple(shape), generator=g, device=device)
@@ -223,6 +240,7 @@ def training_loop(opts, task, rank, world, device):
     opt_g = torch.optim.AdamW(generator.parameters(), lr=opts.lr, weight_decay=opts.wd)
     opt_c = torch.optim.AdamW(list(fake_score.parameters()) + list(head.parameters()), lr=opts.lr, weight_decay=opts.wd)
     start, nan_total = 0, 0
+    ratio_means = torch.full([opts.num_bins], float('nan'), dtype=torch.float64, device=device) if opts.ratio_ema > 0 else None
 
     # Resume exactly, or warm start from another run.
     if run.checkpoints() and not opts.resume and not opts.benchmark:
@@ -240,6 +258,8 @@ def training_loop(opts, task, rank, world, device):
                 raise ValueError(f'{path} was trained without EMA: resume it with --ema-halflife-kimg 0')
             unwrap_net(ema).load_state_dict(state['generator_ema'])
         start, nan_total = state['iteration'], state['nan_total']
+        if ratio_means is not None and state.get('ratio_means') is not None:
+            ratio_means.copy_(state['ratio_means'])
         run.truncate_stats(start)
         run.log(f'Resumed from {path} at iteration {start}')
     elif opts.init_from:
@@ -260,6 +280,8 @@ def training_loop(opts, task, rank, world, device):
     else:
         ddp_generator, ddp_fake_score, ddp_head = generator, fake_score, head
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.precision == 'bf16')
+    slices = [slice((k * world + rank) * batch_gpu, (k * world + rank + 1) * batch_gpu) for k in range(rounds)]   # this process's share
+    real_samples = RealSamples(task.real, opts.seed, task.num_real, opts.batch, slices)
     parts = Parts(device)
 
     def generator_step(it, f_div):
@@ -268,10 +290,9 @@ def training_loop(opts, task, rank, world, device):
         z = randn(g, opts.batch, task.z_shape, device)
         sigma = fdistill.sample_sigma(levels, opts.batch, generator=g)            # DMD2: levels 2%-98%
         noise = randn(g, opts.batch, task.z_shape, device)
-        indices = torch.randint(task.num_real, (opts.batch,), generator=g, device=device).cpu()
+        indices = data_indices(opts.seed, it, task.num_real, opts.batch)
         stats, finite = [], True
-        for k in range(rounds):
-            sl = slice((k * world + rank) * batch_gpu, (k * world + rank + 1) * batch_gpu)
+        for k, sl in enumerate(slices):
             cond = task.cond(indices[sl])
             with ddp_generator.no_sync() if (world > 1 and k < rounds - 1) else contextlib.nullcontext():
                 with autocast():
@@ -279,7 +300,7 @@ def training_loop(opts, task, rank, world, device):
                     loss, st = fdistill.generator_loss(y, sigma[sl], noise[sl],                # Alg. 1 lines 6-11
                         parts('teacher', lambda x, s: task.teacher(x, s, cond, 'no_grad')),    # one pass; no decoder activations kept
                         parts('fake_score', lambda x, s: fake_score(x, s, cond)), parts('head', head),
-                        f_div, opts.r_min, opts.r_max, edges, opts.w_gan)
+                        f_div, opts.r_min, opts.r_max, edges, opts.w_gan, ratio_means, opts.ratio_ema)
                     if task.regression is not None:
                         loss_reg = task.regression(generator, it * rounds + k)     # plain module: one DDP forward per backward
                         st['loss_reg'] = loss_reg.item()
@@ -290,19 +311,19 @@ def training_loop(opts, task, rank, world, device):
         head.requires_grad_(True)
         return step(opt_g, finite, stats, generator=generator), stats
 
-    def critic_step(it):
+    def critic_step(it, x_reals=None):
+        x_reals = real_samples[it] if x_reals is None else x_reals     # from the DataLoader in training
         g = iteration_generator(opts.seed, it, device)
         z = randn(g, opts.batch, task.z_shape, device)
         sigma_dsm = fdistill.sample_sigma(levels, opts.batch, lo=0, hi=1, generator=g)  # DSM over all levels (DMD2)
         sigma_gan = fdistill.sample_sigma(levels, opts.batch, generator=g)               # same sigmas as r is read at
         noise_dsm, noise_fake, noise_real = [randn(g, opts.batch, task.z_shape, device) for _ in range(3)]
-        indices = torch.randint(task.num_real, (opts.batch,), generator=g, device=device).cpu()
+        indices = data_indices(opts.seed, it, task.num_real, opts.batch)
         noise_r1 = randn(g, opts.batch, task.z_shape, device) if opts.r1_approx > 0 else None
         stats, finite = [], True
-        for k in range(rounds):
-            sl = slice((k * world + rank) * batch_gpu, (k * world + rank + 1) * batch_gpu)
+        for k, sl in enumerate(slices):
             cond = task.cond(indices[sl])
-            x_real = task.real(indices[sl])
+            x_real = x_reals[k].to(device, non_blocking=True)
             with contextlib.ExitStack() as no_sync:
                 if world > 1 and k < rounds - 1:
                     no_sync.enter_context(ddp_fake_score.no_sync())
@@ -353,7 +374,7 @@ def training_loop(opts, task, rank, world, device):
     def checkpoint_state(it):
         return dict(snapshot_state(it), nan_total=nan_total,
             fake_score=unwrap_net(fake_score).state_dict(), head=head.state_dict(),
-            opt_g=opt_g.state_dict(), opt_c=opt_c.state_dict())
+            opt_g=opt_g.state_dict(), opt_c=opt_c.state_dict(), ratio_means=ratio_means)
 
     def snapshot(it):
         grid(it)
@@ -378,6 +399,8 @@ def training_loop(opts, task, rank, world, device):
         snapshot(0)                             # the generator as it starts: a FID curve begins where the run did
     t_start, t_log, it_log = time.time(), time.time(), start
     window, nan_run, last_ckpt = [], 0, (run.checkpoints() or [None])[-1]
+    loader = iter(torch.utils.data.DataLoader(real_samples, sampler=[i for i in range(start, opts.iterations) if i % opts.tau],
+        batch_size=None, num_workers=opts.workers, pin_memory=device.type == 'cuda', prefetch_factor=2 if opts.workers else None))
     for it in range(start, opts.iterations):
         set_lr(it)
         if it % opts.tau == 0:                                                              # Alg. 1 line 5
@@ -388,7 +411,7 @@ def training_loop(opts, task, rank, world, device):
                     for p_ema, p in zip(ema.parameters(), generator.parameters()):
                         p_ema.lerp_(p, 1 - beta)
         else:
-            ok, stats = critic_step(it)
+            ok, stats = critic_step(it, next(loader))
         nan_total += not ok
         nan_run = 0 if ok else nan_run + 1
         if nan_run >= opts.max_nan:

@@ -144,6 +144,12 @@ def test_clipping_snapshots_fid_per_snapshot_and_warm_start(files, tmp_path, mon
         return task
     names = {}
     monkeypatch.setattr(train_edm, 'build_task', build_and_name)
+    # The real samples each critic step gets from the DataLoader's worker processes.
+    reals, critic_loss = {}, fdistill.critic_loss
+    def record(y, x_real, *args, **kwargs):
+        reals[len(reals)] = x_real
+        return critic_loss(y, x_real, *args, **kwargs)
+    monkeypatch.setattr(fdistill, 'critic_loss', record)
 
     out = tmp_path / 'run'
     clip = 0.05
@@ -160,6 +166,11 @@ def test_clipping_snapshots_fid_per_snapshot_and_warm_start(files, tmp_path, mon
             assert s[name] == pytest.approx(min(r[name], clip), rel=1e-4)   # clip * norm / (norm + 1e-6), float32 sums
             clipped += r[name] > clip
     assert clipped > 0
+    # DataLoader (2 workers, one zip handle each): iteration it reads the items data_indices(seed, it) names.
+    import dataset
+    data = dataset.ImageDataset(str(files / 'data.zip'))
+    for k, it in enumerate((1, 2)):
+        assert torch.equal(reals[k], data.images(training_loop.data_indices(0, it, len(data), 4)).float() / 127.5 - 1)
     # Snapshots at 0 (the teacher copy), every --snap-every and at the end: generator and EMA only.
     teacher = edm_nets.load_edm_pickle(str(files / 'teacher.pkl'))['ema'].state_dict()
     snaps = {it: training_loop.load_checkpoint(str(out / f'snapshot-{it:07d}.pt')) for it in (0, 2, 3)}
@@ -228,3 +239,19 @@ def test_approximate_r1_tends_to_exact_r1():
     assert exact['loss_r1'] > 0
     assert approx['loss_r1'] * d == pytest.approx(exact['loss_r1'], rel=2e-2)   # float32 differences at alpha 1e-3
     assert approx['loss_gan_d'] == exact['loss_gan_d']
+
+#----------------------------------------------------------------------------
+# Stage-1 ratio bins with an EMA across iterations.
+
+def test_ratio_bin_means_ema_across_iterations():
+    edges = torch.tensor([1.0, 10.0])                       # three bins: below 1, 1 to 10, above 10
+    running = torch.full([3], float('nan'), dtype=torch.float64)
+    r1, s1 = torch.tensor([1.0, 3.0, 2.0, 6.0]), torch.tensor([0.5, 0.5, 5.0, 5.0])
+    out = fdistill.normalize_ratio(r1, s1, edges, running, beta=0.5)
+    assert torch.equal(out, fdistill.normalize_ratio(r1, s1, edges))           # first batch: its own means
+    assert running[0] == 2 and running[1] == 4 and torch.isnan(running[2])
+    r2, s2 = torch.tensor([4.0, 8.0, 5.0]), torch.tensor([0.5, 0.5, 50.0])
+    out = fdistill.normalize_ratio(r2, s2, edges, running, beta=0.5)
+    # by hand: bin 0 mean 0.5 * 2 + 0.5 * 6 = 4, bin 1 (absent) keeps 4, bin 2 starts at its batch mean 5
+    assert running.tolist() == [4.0, 4.0, 5.0]
+    assert torch.equal(out, torch.tensor([1.0, 2.0, 1.0]))
