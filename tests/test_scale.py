@@ -118,11 +118,14 @@ def test_clipping_snapshots_fid_per_snapshot_and_warm_start(files, tmp_path, mon
     from test_evaluate import TinyDetector
     cpu = torch.device('cpu')
 
-    def run(outdir, *args):
+    def run_opts(outdir, *args):
         opts = training_loop.parse_args('test', train_cifar.PRESET, train_edm.add_edm_args, [
             '--teacher', str(files / 'teacher.pkl'), '--data', str(files / 'data.zip'), '--outdir', str(outdir), '--batch', '4',
             '--disc-res', '8', '--grid', '4', '--log-every', '1', '--lr', '1e-3', *args])
-        task = train_edm.build_task(opts, train_cifar.PRESET, cpu, 0, 1)
+        return opts, train_edm.build_task(opts, train_cifar.PRESET, cpu, 0, 1)
+
+    def run(outdir, *args):
+        opts, task = run_opts(outdir, *args)
         training_loop.training_loop(opts, task, 0, 1, cpu)
         return opts, task
 
@@ -195,6 +198,13 @@ def test_clipping_snapshots_fid_per_snapshot_and_warm_start(files, tmp_path, mon
     assert json.load(open(tmp_path / 'one.json'))['sets'][0]['fid'] == pytest.approx(result['snapshots'][1]['fid'], rel=1e-9)
     with pytest.raises(SystemExit, match='--snapshots scores the snapshots of a run'):
         evaluate.main(['fid', '--ckpt', str(out / 'snapshot-0000002.pt'), '--snapshots', *common])
+
+    # --benchmark: each step split into disjoint timed parts (so they sum to at most the step), R1's own cost.
+    bench = training_loop.training_loop(*run_opts(tmp_path / 'bench', '--benchmark', '1'), 0, 1, cpu)
+    for kind in ('generator_step', 'critic_step'):
+        assert set(bench[f'sec_parts_{kind}']) == {'generator', 'teacher', 'fake_score', 'head', 'backward', 'optimiser'}
+        assert all(v > 0 for v in bench[f'sec_parts_{kind}'].values())
+    assert sum(bench['sec_parts_critic_step'].values()) <= bench['sec_critic_step'] * 1.5 and 'sec_r1' in bench
 
     # Warm start from a snapshot, in bf16 autocast: the generator comes from it, the fake score is the
     # teacher as in a new run, the weights stay fp32.
