@@ -311,8 +311,8 @@ def snapshots_of(run_dir):
     return sorted(glob.glob(os.path.join(run_dir, 'snapshot-*.pt')))
 
 # EDM runs (train_cifar.py, train_imagenet.py) and text-to-image runs (train_t2i.py) share training_loop.py's
-# checkpoint and snapshot (the generator part of a checkpoint); a 'unet_config' entry marks the latter. Memory-mapped: only the tensors used are read (an SD
-# checkpoint also holds the fake score and both optimisers' states).
+# checkpoint and snapshot (a checkpoint's generator part); a 'unet_config' entry marks the latter. Memory-mapped:
+# only the tensors used are read (an SD checkpoint also holds the fake score and both optimisers' states).
 EDM_KEYS = ('generator_kwargs', 'sigma_init', 'generator')
 T2I_KEYS = ('unet_config', 'generator', 'sd', 'options')
 
