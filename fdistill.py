@@ -2,7 +2,8 @@
 
 Xu, Nie, Vahdat, "One-step Diffusion Models with f-Divergence Distribution Matching", 2025.
 The whole method, independent of the data domain. Networks come in as callables in EDM's convention:
-  teacher(x, sigma)    -> (D_x, features)  frozen teacher denoiser with a feature tap,
+  teacher(x, sigma)    -> (D_x, features)  frozen teacher denoiser with a feature tap (critic_loss reads
+                                           only the features, so D_x may be None there),
   fake_score(x, sigma) -> D_x              online denoiser of the generator's distribution,
   head(features)       -> logits [B]       discriminator head on the teacher's features.
 The score of a denoiser is s(x; sigma) = (D(x; sigma) - x) / sigma^2 (EDM Eq. 3), so the score
