@@ -8,6 +8,8 @@
   python evaluate.py clip     --images samples/ --captions captions.txt --clip-model clip-vit-large/
   python evaluate.py latency  --ckpt runs/00000-cifar
   python evaluate.py weights  --ckpt runs/00000-cifar --num-images 6400
+  python evaluate.py export   --ckpt runs/00000-cifar --dest exported/    # also SD runs: a diffusers UNet folder
+  python evaluate.py plot     --ckpt runs/00000-cifar                  # PNGs of stats.jsonl into runs/00000-cifar/plots/
 
 Text-to-image (Table 4): a train_t2i.py run, or SD v1.5 itself (--sd alone: DDIM, 50 steps, CFG 3), prompted
 from a caption list (seed s gets line s mod N); `generate` writes captions.txt beside the images.
@@ -855,6 +857,79 @@ def cmd_weights(args):
             corr_h_log_score_diff=corr, stats=stats, samples_sorted_by_score_diff=table))
         print0(f'{f_name}: corr(h, log score difference) = {corr:.3f}; wrote {os.path.join(outdir, f"weights-{name}.png")} and .json')
 
+#----------------------------------------------------------------------------
+# Export: the one-step student in the formats people load elsewhere. An SD student becomes a diffusers
+# UNet2DConditionModel folder, sampled in one step at t = 999 with SD's own VAE and text encoder; an EDM
+# student becomes generator.safetensors (EDMPrecond's keys, as NVIDIA's networks) + generator.json, read back
+# by edm_nets.load_generator. The EMA weights when the run kept them. A run, a checkpoint or a snapshot file.
+
+SD_EXPORT_README = """# One-step text-to-image generator distilled with f-distill
+
+From `{source}` (iteration {iteration}, `{weights}` weights, --f {f}). A diffusers `UNet2DConditionModel`;
+it turns noise at t = 999 into an eps prediction, converted to x0 in one step (no scheduler). The VAE, text
+encoder and tokenizer are those of the SD v1.5 folder it was distilled from.
+
+```python
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+sd = {sd!r}                                      # the SD v1.5 folder (or hub id) the student was distilled from
+unet = UNet2DConditionModel.from_pretrained({dest!r}).eval()
+vae = AutoencoderKL.from_pretrained(sd, subfolder='vae').eval()
+text_encoder = CLIPTextModel.from_pretrained(sd, subfolder='text_encoder').eval()
+tokenizer = CLIPTokenizer.from_pretrained(sd, subfolder='tokenizer')
+prompt, seed = 'a photograph of an astronaut riding a horse', 0
+size = {resolution} // 2 ** (len(vae.config.block_out_channels) - 1)        # latent size of the training resolution
+
+with torch.no_grad():
+    ids = tokenizer([prompt], padding='max_length', max_length=tokenizer.model_max_length, truncation=True, return_tensors='pt').input_ids
+    ctx = text_encoder(ids)[0]
+    z = torch.randn([1, unet.config.in_channels, size, size], generator=torch.Generator().manual_seed(seed))
+    abar = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2, 0)[999]  # SD's schedule
+    x0 = (z - (1 - abar).sqrt().float() * unet(z, 999, ctx).sample) / abar.sqrt().float()                # eps -> x0 at t = 999
+    image = vae.decode(x0 / vae.config.scaling_factor).sample.float().clamp(-1, 1)
+PIL.Image.fromarray((image * 127.5 + 128).clip(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()).save('sample.png')
+```
+"""
+
+EDM_EXPORT_README = """# One-step generator distilled with f-distill
+
+From `{source}` (iteration {iteration}, `{weights}` weights, --f {f}). `generator.safetensors` is the
+state dict of EDM's `EDMPrecond` (the keys of NVIDIA's released networks), `generator.json` its constructor
+arguments and `sigma_init`; the generator is G(z, labels) = D(sigma_init z; sigma_init, labels).
+
+```python
+import torch
+import edm_nets                                  # from f-distill; or NVlabs/edm's EDMPrecond(**kwargs) with the same state dict
+
+generator = edm_nets.load_generator({dest!r})
+z = torch.randn([16, generator.net.img_channels, generator.net.img_resolution, generator.net.img_resolution])
+labels = torch.eye(generator.net.label_dim)[torch.arange(16) % generator.net.label_dim] if generator.net.label_dim else None
+with torch.no_grad():
+    images = generator(z, labels)                # in [-1, 1]
+```
+"""
+
+def cmd_export(args):
+    ckpt = load_checkpoint(args.ckpt)
+    marker = os.path.join(args.dest, 'config.json' if is_t2i(ckpt) else 'generator.safetensors')
+    if os.path.exists(marker):
+        raise FileExistsError(f'--dest {args.dest} already holds an export ({marker}): pass a new folder')
+    weights = 'generator_ema' if ckpt.get('generator_ema') is not None else 'generator'
+    info = dict(source=ckpt['path'], iteration=ckpt.get('iteration'), weights=weights, f=ckpt.get('options', {}).get('f'))
+    if is_t2i(ckpt):
+        state = {k[len('unet.'):]: v for k, v in ckpt[weights].items()}        # sd_unet.SDGenerator holds the UNet as 'unet'
+        sd_unet.save_diffusers_unet(args.dest, state, ckpt['unet_config'])
+        readme = SD_EXPORT_README.format(**info, dest=args.dest, sd=ckpt['sd'], resolution=ckpt['options']['resolution'])
+    else:
+        import edm_nets
+        edm_nets.save_generator(args.dest, load_generator(ckpt, 'cpu'), info)
+        readme = EDM_EXPORT_README.format(**info, dest=args.dest)
+    training_loop.atomic_write(os.path.join(args.dest, 'README.md'), lambda f: f.write(readme.encode()))
+    print0(f'Exported the {weights} weights of "{ckpt["path"]}" to "{args.dest}" (see its README.md)')
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Evaluate f-distill generators: images, FID, precision/recall, CLIP score, latency, Fig. 5.')
     sub = parser.add_subparsers(dest='command', required=True)
@@ -916,6 +991,11 @@ def parse_args(argv=None):
     p.add_argument('--report', default=None, help='Output JSON')
     p.set_defaults(func=cmd_latency)
 
+    p = sub.add_parser('export', help='Write the one-step student as a diffusers UNet folder (SD) or EDMPrecond safetensors + JSON (EDM)')
+    p.add_argument('--ckpt', required=True, help='Run directory (its latest checkpoint-*.pt), one checkpoint file or one snapshot file')
+    p.add_argument('--dest', required=True, help='Output folder (created): config.json + diffusion_pytorch_model.safetensors, or generator.safetensors + generator.json; and README.md')
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser('weights', help='Fig. 5: normalised h and score difference of N generated samples, sorted')
     p.add_argument('--ckpt', required=True, help='Run directory (its latest checkpoint-*.pt) or one checkpoint file')
     p.add_argument('--teacher', help="EDM teacher .pkl (default: the run's options['teacher'])")
@@ -930,7 +1010,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise SystemExit(f'evaluate.py {args.command}: {e}') from None
     finally:
         if dist.is_initialized():
