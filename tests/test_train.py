@@ -75,6 +75,22 @@ def test_torchrun_two_processes_end_to_end_and_equal_to_one_process(files, strai
     # into differences up to ~lr per step; a normalisation over the local batch differs by far more.
     for key in ('generator', 'generator_ema', 'fake_score', 'head'):
         assert_same(a[key], b[key], atol=1e-4)
+    # Per-sigma-bin diagnostics are all-reduced: the 2-process log equals the 1-process one (iteration 0 is a
+    # generator step, h_bar spread; iteration 1 a critic step, accuracy, from the same initial head).
+    one = [json.loads(line) for line in open(straight / 'stats.jsonl')]
+    bins = lambda s, prefix: {k: v for k, v in s.items() if k.startswith(prefix)}
+    assert bins(stats[0], 'h_std_bin') == pytest.approx(bins(one[0], 'h_std_bin'), rel=1e-4, abs=1e-6) and bins(one[0], 'h_std_bin')
+    assert bins(stats[1], 'disc_acc') == pytest.approx(bins(one[1], 'disc_acc'), abs=1e-9) and len(bins(one[1], 'disc_acc_bin')) > 1
+
+def test_lr_head_sets_the_head_step_and_follows_lr2(files, tmp_path):
+    # AdamW's first step moves every parameter with a nonzero gradient by lr (m / sqrt(v) = +-1) plus lr * wd * p,
+    # so the largest change in the first critic step (iteration 1) is the head's lr, and the fake score's.
+    train(files, tmp_path, '--iterations', '3', '--lr', '1e-3', '--lr-head', '1e-2', '--lr2', '1e-4', '--lr2-at', '2')
+    a, b = load(tmp_path, 1), load(tmp_path, 2)
+    step = lambda key: max((a[key][k] - b[key][k]).abs().max().item() for k in a[key])
+    assert step('head') == pytest.approx(1e-2, rel=0.03) and step('fake_score') == pytest.approx(1e-3, rel=0.03)
+    stats = [json.loads(line) for line in open(tmp_path / 'stats.jsonl')]
+    assert [v for s in stats for v in (s['lr'], s['lr_head'])] == pytest.approx([1e-3, 1e-2, 1e-3, 1e-2, 1e-4, 1e-3])  # --lr2 keeps the ratio
 
 def test_resume_equals_straight_run(files, straight, tmp_path):
     train(files, tmp_path, '--iterations', '4', '--ema-halflife-kimg', '0.01')
