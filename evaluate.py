@@ -632,6 +632,109 @@ def plot_weights(table, f_name, path):
     plt.close(fig)
 
 #----------------------------------------------------------------------------
+# Plots of a run, for reading it ("Reading a run" in README.md): stats.jsonl (and fid-snapshots.json where
+# `evaluate.py fid` scored the run's snapshots) as one PNG per group, panels sharing the iteration axis.
+# Dashed grey lines mark where a run at chance sits (discriminator loss 2 ln 2, accuracy 0.5, r = 1, ESS 1)
+# and the clip of r.
+
+def read_stats(run):
+    path = os.path.join(run, 'stats.jsonl')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} not found: pass a run directory written by train_cifar.py, train_imagenet.py or train_t2i.py')
+    stats = [json.loads(line) for line in open(path) if line.strip()]
+    if not stats:
+        raise ValueError(f'{path} is empty: the run has not logged yet (every --log-every iterations)')
+    return stats
+
+# The stage-1 sigma bins of a run, as "a-b" labels (training_loop: fdistill.sigma_bin_edges on the task's levels).
+def bin_labels(options):
+    levels = sd_unet.SIGMAS.float() if options.get('sd') else fdistill.karras_sigmas(1000, 0.002, 80)
+    n = options.get('num_bins', 10)
+    cuts = [float(levels[int(0.02 * len(levels))])] + fdistill.sigma_bin_edges(levels, n).tolist() + [float(levels[int(0.98 * len(levels)) - 1])]
+    return [f'σ {cuts[k]:.3g}–{cuts[k + 1]:.3g}' for k in range(n)]
+
+def run_figures(stats, options, fid=None):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    it = np.array([s['iteration'] for s in stats])
+    series = lambda key: np.array([s.get(key, np.nan) for s in stats], dtype=float)
+    has = lambda key: any(key in s for s in stats)
+    bins = bin_labels(options)
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(bins)))
+    per_bin = lambda prefix: [(f'{prefix}{k}', bins[k], dict(color=colors[k])) for k in range(len(bins)) if has(f'{prefix}{k}')]
+    clip = [options['r_min'], options['r_max']] if 'r_min' in options else []
+    # group -> panels: (title, [(key, label, style)], reference ys, log y)
+    groups = dict(
+        losses=[('f-distill loss (generator steps)', [('loss_fdistill', 'loss_fdistill', {})], [], False),
+                ('GAN losses (chance: D loss 2 ln 2)', [('loss_gan_d', 'discriminator', {}), ('loss_gan_g', 'generator', {})], [2 * np.log(2)], False),
+                ('fake-score DSM', [('loss_dsm', 'loss_dsm', {})], [], True),
+                ('R1 penalty', [('loss_r1', 'loss_r1', {})], [], True),
+                ('LPIPS regression', [('loss_reg', 'loss_reg', {})], [], False)],
+        weights=[('density ratio r (mean, min, max; r = 1 and the clip dashed)', [('r_mean', 'mean', {}), ('r_min', 'min', {}), ('r_max', 'max', {})], [1] + clip, True),
+                 ('fraction of r at the clip', [('r_clipped', 'r_clipped', {})], [], False),
+                 ('normalised weight h̄ (min, max)', [('h_min', 'min', {}), ('h_max', 'max', {})], [1], True),
+                 ('effective sample size of h̄', [('h_ess', 'ESS', {})], [1], False)],
+        discriminator=[('discriminator accuracy on the critic batch, per σ bin (chance 0.5)', [('disc_acc', 'all bins', dict(color='black', linewidth=2))] + per_bin('disc_acc_bin'), [0.5], False),
+                       ('spread (std) of h̄ within each σ bin', per_bin('h_std_bin'), [], False),
+                       ('mean logit, real and generated', [('logit_real', 'real', {}), ('logit_fake', 'generated', {})], [0], False)],
+        speed=[('images / s', [('images_per_sec', 'images/s', {})], [], False),
+               ('peak memory (GB)', [('memory_gb', 'memory_gb', {})], [], False),
+               ('learning rate', [('lr', 'generator, fake score', {}), ('lr_head', 'discriminator head', {})], [], True)])
+    figures = []
+    for name, panels in groups.items():
+        panels = [(title, [line for line in lines if has(line[0])], ref, log) for title, lines, ref, log in panels]
+        panels = [panel for panel in panels if panel[1]]
+        if not panels:
+            continue
+        fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(8, 2.2 * len(panels) + 0.6), squeeze=False)
+        for ax, (title, lines, ref, log) in zip(axes[:, 0], panels):
+            for key, label, style in lines:
+                y = series(key)
+                ax.plot(it[np.isfinite(y)], y[np.isfinite(y)], label=label, **style)
+            for y in ref:
+                ax.axhline(y, color='grey', linestyle='--', linewidth=0.8)
+            if log and all(np.nanmin(series(k)) > 0 for k, _, _ in lines):
+                ax.set_yscale('log')
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3)
+            if len(lines) > 1:
+                ax.legend(fontsize=7, ncol=2 if len(lines) > 4 else 1, loc='best')
+        axes[-1, 0].set_xlabel('iteration')
+        fig.suptitle(f'{name}: --f {options.get("f", "?")}', fontsize=10)
+        fig.tight_layout()
+        figures.append((name, fig))
+    if fid is not None and fid.get('snapshots'):
+        snaps = sorted(fid['snapshots'], key=lambda s: s['iteration'])
+        fig, ax = plt.subplots(figsize=(8, 3))
+        ax.plot([s['iteration'] for s in snaps], [s['fid'] for s in snaps], 'o-', label='FID of snapshot')
+        if fid.get('best'):
+            ax.plot([fid['best']['iteration']], [fid['best']['fid']], '*', markersize=14, color='tab:red', label=f'best: {fid["best"]["fid"]:.3g}')
+        ax.set_xlabel('iteration')
+        ax.set_ylabel(f'FID ({snaps[-1].get("num_images", "?")} images)')
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        figures.append(('fid', fig))
+    return figures
+
+def cmd_plot(args):
+    run = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
+    stats = read_stats(run)
+    options_path = os.path.join(run, 'training_options.json')
+    options = json.load(open(options_path)) if os.path.isfile(options_path) else {}
+    fid_path = os.path.join(run, 'fid-snapshots.json')
+    fid = json.load(open(fid_path)) if os.path.isfile(fid_path) else None
+    outdir = args.outdir or os.path.join(run, 'plots')
+    os.makedirs(outdir, exist_ok=True)
+    import matplotlib.pyplot as plt
+    for name, fig in run_figures(stats, options, fid):
+        path = os.path.join(outdir, f'{name}.png')
+        training_loop.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110))
+        plt.close(fig)
+        print0(f'wrote {path}')
+
+#----------------------------------------------------------------------------
 # Command line. Every input is checked before any network runs; errors are one line.
 
 def write_json(path, data):
@@ -990,6 +1093,11 @@ def parse_args(argv=None):
     p.add_argument('--repeats', type=int, default=20, help='Timed calls, averaged')
     p.add_argument('--report', default=None, help='Output JSON')
     p.set_defaults(func=cmd_latency)
+
+    p = sub.add_parser('plot', help='PNGs of a run\'s stats.jsonl (losses, weights, discriminator per sigma bin, speed; FID per snapshot) into RUN/plots/')
+    p.add_argument('--ckpt', required=True, help='Run directory (or a file inside it)')
+    p.add_argument('--outdir', default=None, help='Where the PNGs go (default: RUN/plots)')
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser('export', help='Write the one-step student as a diffusers UNet folder (SD) or EDMPrecond safetensors + JSON (EDM)')
     p.add_argument('--ckpt', required=True, help='Run directory (its latest checkpoint-*.pt), one checkpoint file or one snapshot file')

@@ -186,3 +186,33 @@ def test_bad_input_fails_before_training(files, tmp_path, case):
                   resolution_mismatch='3x16x16 images; the teacher wants 3x8x8')[case]
     assert expect in last, last
     assert not os.path.exists(tmp_path / 'run' / 'stats.jsonl')
+
+def test_plot_draws_the_logged_values(straight, tmp_path):
+    import shutil
+    import PIL.Image
+    import evaluate
+    run = tmp_path / 'run'
+    os.makedirs(run)
+    for name in ('stats.jsonl', 'training_options.json'):
+        shutil.copy(straight / name, run / name)
+    evaluate.main(['plot', '--ckpt', str(run)])
+    assert sorted(os.listdir(run / 'plots')) == ['discriminator.png', 'losses.png', 'speed.png', 'weights.png']   # no FID scored yet
+    assert min(PIL.Image.open(run / 'plots' / 'discriminator.png').size) > 300
+    # With the FID-per-snapshot file of `evaluate.py fid` (cmd_plot reads RUN/fid-snapshots.json), a fifth figure;
+    # every line is the logged numbers.
+    fid = dict(snapshots=[dict(iteration=7, path='snapshot-0000007.pt', fid=9.0, num_images=64),
+                          dict(iteration=3, path='snapshot-0000003.pt', fid=12.5, num_images=64)],
+               best=dict(iteration=7, path='snapshot-0000007.pt', fid=9.0))
+    stats = [json.loads(line) for line in open(run / 'stats.jsonl')]
+    figures = dict(evaluate.run_figures(stats, json.load(open(run / 'training_options.json')), fid))
+    assert sorted(figures) == ['discriminator', 'fid', 'losses', 'speed', 'weights']
+    def line(name, title_part, label):
+        ax = next(ax for ax in figures[name].axes if title_part in ax.get_title())
+        return next(l for l in ax.get_lines() if l.get_label() == label)
+    for name, title, label, key in [('losses', 'GAN', 'discriminator', 'loss_gan_d'), ('weights', 'effective', 'ESS', 'h_ess'),
+                                    ('discriminator', 'accuracy', 'all bins', 'disc_acc'), ('speed', 'images', 'images/s', 'images_per_sec')]:
+        logged = [(s['iteration'], s[key]) for s in stats if key in s]
+        assert list(zip(*line(name, title, label).get_data())) == pytest.approx(logged), key
+    acc = next(ax for ax in figures['discriminator'].axes if 'accuracy' in ax.get_title())
+    assert len(acc.get_lines()) - 2 == len({k for s in stats for k in s if k.startswith('disc_acc_bin')}) > 1   # + all bins + chance
+    assert [list(v) for v in figures['fid'].axes[0].get_lines()[0].get_data()] == [[3, 7], [12.5, 9.0]]
