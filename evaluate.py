@@ -694,7 +694,8 @@ def run_figures(stats, options, fid=None):
                 ax.plot(it[np.isfinite(y)], y[np.isfinite(y)], label=label, **style)
             for y in ref:
                 ax.axhline(y, color='grey', linestyle='--', linewidth=0.8)
-            if log and all(np.nanmin(series(k)) > 0 for k, _, _ in lines):
+            lo, hi = min([np.nanmin(series(k)) for k, _, _ in lines] + ref), max([np.nanmax(series(k)) for k, _, _ in lines] + ref)
+            if log and lo > 0 and hi > 10 * lo:                 # log only where the values (or r's clip) span a decade
                 ax.set_yscale('log')
             ax.set_title(title, fontsize=9)
             ax.grid(alpha=0.3)

@@ -378,7 +378,7 @@ def training_loop(opts, task, rank, world, device):
                 entry[key] = float(np.mean([st[key] for st in window if key in st]))
             run.append_stats(entry)
             run.log(f'it {done}/{opts.iterations}  {entry["images_per_sec"]:.1f} img/s  ETA {entry["eta_hours"]:.2f} h  '
-                    + '  '.join(f'{k} {entry[k]:.4g}' for k in ('loss_fdistill', 'loss_dsm', 'loss_gan_d', 'h_ess', 'r_mean') if k in entry))
+                    + '  '.join(f'{k} {entry[k]:.4g}' for k in ('loss_fdistill', 'loss_dsm', 'loss_gan_d', 'disc_acc', 'h_ess', 'r_mean') if k in entry))
             window, t_log, it_log = [], t_now, done
         if done % opts.snap_every == 0 or done == opts.iterations:
             grid(done)
