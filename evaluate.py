@@ -687,7 +687,7 @@ def run_figures(stats, options, fid=None):
         panels = [panel for panel in panels if panel[1]]
         if not panels:
             continue
-        fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(8, 2.2 * len(panels) + 0.6), squeeze=False)
+        fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(10, 2.2 * len(panels) + 0.6), squeeze=False)
         for ax, (title, lines, ref, log) in zip(axes[:, 0], panels):
             for key, label, style in lines:
                 y = series(key)
@@ -700,7 +700,7 @@ def run_figures(stats, options, fid=None):
             ax.set_title(title, fontsize=9)
             ax.grid(alpha=0.3)
             if len(lines) > 1:
-                ax.legend(fontsize=7, ncol=2 if len(lines) > 4 else 1, loc='best')
+                ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
         axes[-1, 0].set_xlabel('iteration')
         fig.suptitle(f'{name}: --f {options.get("f", "?")}', fontsize=10)
         fig.tight_layout()
