@@ -320,7 +320,7 @@ def training_loop(opts, task, rank, world, device):
     def set_lr(it):
         second = opts.lr2 is not None and it >= opts.lr2_at
         lr = opts.lr2 if second else opts.lr
-        lr_head = opts.lr2 * opts.lr_head / opts.lr if second and opts.lr_head != opts.lr else lr if second else opts.lr_head
+        lr_head = opts.lr2 * (1 if opts.lr_head == opts.lr else opts.lr_head / opts.lr) if second else opts.lr_head
         opt_g.param_groups[0]['lr'] = opt_c.param_groups[0]['lr'] = lr
         opt_c.param_groups[1]['lr'] = lr_head
 
