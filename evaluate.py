@@ -720,6 +720,8 @@ def run_figures(stats, options, fid=None):
     return figures
 
 def cmd_plot(args):
+    if not os.path.exists(args.ckpt):
+        raise FileNotFoundError(f'--ckpt {args.ckpt} not found: pass a run directory (it holds stats.jsonl)')
     run = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
     stats = read_stats(run)
     options_path = os.path.join(run, 'training_options.json')

@@ -216,3 +216,6 @@ def test_plot_draws_the_logged_values(straight, tmp_path):
     acc = next(ax for ax in figures['discriminator'].axes if 'accuracy' in ax.get_title())
     assert len(acc.get_lines()) - 2 == len({k for s in stats for k in s if k.startswith('disc_acc_bin')}) > 1   # + all bins + chance
     assert [list(v) for v in figures['fid'].axes[0].get_lines()[0].get_data()] == [[3, 7], [12.5, 9.0]]
+    with pytest.raises(SystemExit, match='--ckpt .*none not found') as error:
+        evaluate.main(['plot', '--ckpt', str(tmp_path / 'none')])
+    assert '\n' not in str(error.value)
