@@ -724,9 +724,9 @@ def load_edm_pickle(path):
     try:
         with open(path, 'rb') as f:
             data = EDMUnpickler(f).load()
-    except pickle.UnpicklingError as err:
-        raise ValueError(f'{path}: {err}') from None
-    except Exception as err:                    # truncated, corrupt, or claiming tensors larger than the file
+    except Exception as err:                    # refused, truncated, corrupt, or claiming tensors larger than the file
+        if isinstance(err, pickle.UnpicklingError) and str(err).startswith(('Refusing', 'Unsupported')):
+            raise ValueError(f'{path}: {err}') from None
         detail = (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]
         raise ValueError(f'{path} is not a readable EDM network pickle: truncated or corrupt ({type(err).__name__}: {detail})') from None
     if not isinstance(data, dict) or not isinstance(data.get('ema'), PickledObject):

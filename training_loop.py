@@ -327,7 +327,7 @@ def load_checkpoint(path, mmap=False):
     try:
         state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as err:                    # torch reports a damaged file in many ways; all mean the same here
-        detail = (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise ValueError(f'Checkpoint {path} is truncated or corrupt ({detail})') from None
     if not isinstance(state, dict):
         raise ValueError(f'{path} is not a checkpoint of training_loop.py (it holds a {type(state).__name__})')

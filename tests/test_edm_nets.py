@@ -261,7 +261,9 @@ def test_sampler_18_steps_shapes_nfe_and_per_seed_determinism():
     batch, calls = sample(seeds)
     assert batch.shape == (3, 3, 8, 8) and torch.isfinite(batch).all() and calls == 35
     alone, _ = sample([7])
-    assert torch.allclose(alone[0], batch[1], atol=1e-6)
+    # Batch 1 and batch 3 run other float32 conv blockings: each of the 35 calls may differ by a few ulp of |x| ~ 1,
+    # carried to the output by the ODE; another seed's image differs by O(1).
+    assert torch.allclose(alone[0], batch[1], atol=1e-5, rtol=0)
     assert not torch.allclose(batch[0], batch[1])
 
 def test_imagenet_preset_is_edm_stochastic_sampler():
