@@ -356,7 +356,7 @@ def training_loop(opts, task, rank, world, device, resumed=None):
 
     # Resume exactly, or warm start from another run.
     path, state = resumed if resumed is not None else start_state(opts, run)
-    if state is not None:
+    if opts.resume and state is not None:
         load_networks(state, generator, fake_score, head)
         opt_g.load_state_dict(state['opt_g'])
         opt_c.load_state_dict(state['opt_c'])
@@ -368,12 +368,11 @@ def training_loop(opts, task, rank, world, device, resumed=None):
         run.log(f'No checkpoint in {opts.outdir} yet: the run starts over from iteration 0')
     if opts.resume:
         run.truncate_stats(start)
-    elif opts.init_from:
-        state = load_checkpoint(opts.init_from)
+    elif state is not None:
         load_networks(state, generator, fake_score, head)
         if ema is not None:
             unwrap_net(ema).load_state_dict(state['generator'])
-        run.log(f'Warm start from {opts.init_from} (iteration {state["iteration"]} of that run)')
+        run.log(f'Warm start from {path} (iteration {state["iteration"]} of that run)')
     if not opts.benchmark:
         run.remove_partial_files()
 
@@ -533,16 +532,18 @@ def batch_split(opts, world):
         raise ValueError(f'--batch {opts.batch} must be a multiple of GPUs ({world}) x --batch-gpu ({batch_gpu})')
     return batch_gpu, rounds
 
-# Where a run starts, checked before any network is built: (checkpoint, its state) to resume from, or (None, None)
-# for iteration 0. Nothing in --outdir is overwritten by a new run.
+# Where a run starts, checked before any network is built: (checkpoint, its state) to resume or warm start from,
+# or (None, None). Nothing in --outdir is overwritten by a new run.
 def start_state(opts, run):
     if opts.benchmark:
         return None, None
     if run.holds_run() and not opts.resume:
         raise FileExistsError(f'{opts.outdir} already holds a run: pass --resume to continue it, or a new --outdir')
-    if opts.init_from and not opts.resume and not os.path.isfile(opts.init_from):
-        raise FileNotFoundError(f'--init-from: checkpoint not found: {opts.init_from}')
-    return resume_checkpoint(opts, run) if opts.resume else (None, None)
+    if opts.resume:
+        return resume_checkpoint(opts, run)
+    if opts.init_from:
+        return opts.init_from, load_checkpoint(opts.init_from)
+    return None, None
 
 # The checkpoint --resume continues from: a named file must be intact; the latest in --outdir that is intact,
 # each damaged newer one reported in the log; (None, None) for a run killed before its first checkpoint.
