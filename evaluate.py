@@ -25,7 +25,6 @@ covariance, scipy's sqrtm. Precision/recall of Kynkaenniemi et al. 2019 (k = 3) 
 them. Every path comes from the user; nothing is downloaded.
 """
 
-import argparse
 import glob
 import io
 import json
@@ -866,7 +865,7 @@ def cmd_weights(args):
         print0(f'{f_name}: corr(h, log score difference) = {corr:.3f}; wrote {os.path.join(outdir, f"weights-{name}.png")} and .json')
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Evaluate f-distill generators: images, FID, precision/recall, CLIP score, latency, Fig. 5.')
+    parser = training_loop.ArgumentParser(description='Evaluate f-distill generators: images, FID, precision/recall, CLIP score, latency, Fig. 5.')
     sub = parser.add_subparsers(dest='command', required=True)
 
     def source(p, teacher_help='EDM teacher .pkl: evaluate the teacher with its sampler instead of a run', captions_help=PROMPTS_HINT):

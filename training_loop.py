@@ -51,8 +51,13 @@ class Task:
 #----------------------------------------------------------------------------
 # Flags. Each script passes its Table 5 preset as the defaults.
 
+# A bad flag is one line too, like every other user error; the usage is in --help.
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
 def parse_args(description, preset, add_task_args=None, argv=None):
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--outdir',          default=preset['outdir'],   help='Run directory (created; holds checkpoints, logs, grids)')
     p.add_argument('--f',               default=preset['f'],        help='f-divergence: rkl, srkl, js, hellinger, fkl, jeffreys or sba:<lambda> (Table 1)')
     p.add_argument('--batch',           default=preset['batch'],    type=positive_int, help='Global batch size B (Table 5)')
