@@ -136,23 +136,16 @@ def test_teacher_with_a_nan_weight_is_refused(tmp_path):
 # Datasets: a damaged image or dataset.json is named.
 
 def test_damaged_image_and_labels_are_named(tmp_path):
-    path = fixtures.write_dataset_zip(tmp_path / 'data.zip', num=4, resolution=8)
-    with zipfile.ZipFile(path) as z:
+    with zipfile.ZipFile(fixtures.write_dataset_zip(tmp_path / 'data.zip', num=4, resolution=8)) as z:
         members = {name: z.read(name) for name in z.namelist()}
-    members['00000/img00000002.png'] = members['00000/img00000002.png'][:40]      # truncated PNG
-    members['dataset.json'] = b'{"labels": [["a", 1, 2]]}'
-    for broken in ('00000/img00000002.png', 'dataset.json'):
-        with zipfile.ZipFile(tmp_path / 'broken.zip', 'w') as z:
-            for name, data in members.items():
-                z.writestr(name, data if name == broken else fixtures_original(path, name))
-        if broken == 'dataset.json':
-            with pytest.raises(ValueError, match='dataset.json is not'):
-                dataset.ImageDataset(str(tmp_path / 'broken.zip'))
-        else:
-            data = dataset.ImageDataset(str(tmp_path / 'broken.zip'))
-            with pytest.raises(ValueError, match='cannot read 00000/img00000002.png .*replace or remove that image'):
-                data.images([1, 2])
 
-def fixtures_original(path, name):
-    with zipfile.ZipFile(path) as z:
-        return z.read(name)
+    def damaged(name, data):
+        with zipfile.ZipFile(tmp_path / 'damaged.zip', 'w') as z:
+            for member, original in members.items():
+                z.writestr(member, data if member == name else original)
+        return str(tmp_path / 'damaged.zip')
+    images = dataset.ImageDataset(damaged('00000/img00000002.png', members['00000/img00000002.png'][:40]))     # truncated PNG
+    with pytest.raises(ValueError, match='cannot read 00000/img00000002.png .*replace or remove that image'):
+        images.images([1, 2])
+    with pytest.raises(ValueError, match=r'dataset.json is not \{"labels"'):
+        dataset.ImageDataset(damaged('dataset.json', b'{"labels": [["a", 1, 2]]}'))
