@@ -184,7 +184,6 @@ def test_clipping_snapshots_fid_per_snapshot_and_warm_start(files, tmp_path, mon
         assert all(torch.equal(snaps[3][key][k], ckpt[key][k]) for k in teacher)
 
     # FID per snapshot equals the plain FID command on that snapshot file; the best is the minimum.
-    monkeypatch.setattr(evaluate, 'FEATURE_DIM', 32)
     detector = str(tmp_path / 'detector.pt')
     torch.jit.script(TinyDetector(32)).save(detector)
     common = ['--ref', str(files / 'data.zip'), '--detector', detector, '--num-images', '6', '--no-pr']
