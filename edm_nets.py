@@ -6,7 +6,9 @@ Module names, constructor arguments and state-dict keys follow NVlabs/edm `train
 
 import collections
 import copy
+import inspect
 import io
+import json
 import os
 import pickle
 
@@ -712,5 +714,36 @@ def load_network(path):
     net = EDMPrecond(**data['kwargs'])
     net.load_state_dict(data['state_dict'], strict=True)
     return net
+
+#----------------------------------------------------------------------------
+# An exported one-step generator, for use outside this repository (evaluate.py export): generator.safetensors
+# holds the EDMPrecond state dict (the keys of NVIDIA's networks), generator.json its constructor arguments
+# (those that differ from EDMPrecond's defaults, as EDM's own _init_kwargs) and sigma_init. No pickle.
+
+def save_generator(folder, generator, info=None):
+    import safetensors.torch
+    defaults = {k: p.default for k, p in inspect.signature(EDMPrecond.__init__).parameters.items() if p.default is not p.empty}
+    kwargs = {k: v for k, v in generator.net.init_kwargs.items() if k not in defaults or v != defaults[k]}
+    spec = dict(kwargs=kwargs, sigma_init=float(generator.sigma_init), **(info or {}))
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, 'generator.safetensors')
+    safetensors.torch.save_file({k: v.contiguous() for k, v in generator.net.state_dict().items()}, path + '.tmp')
+    os.replace(path + '.tmp', path)
+    with open(os.path.join(folder, 'generator.json.tmp'), 'w') as f:
+        json.dump(spec, f, indent=2, allow_nan=False)
+    os.replace(os.path.join(folder, 'generator.json.tmp'), os.path.join(folder, 'generator.json'))
+
+def load_generator(folder):
+    import safetensors.torch
+    paths = [os.path.join(folder, name) for name in ('generator.json', 'generator.safetensors')]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'{path} not found: pass a folder written by `python evaluate.py export --ckpt RUN --dest FOLDER`')
+    with open(paths[0]) as f:
+        spec = json.load(f)
+    with torch.device('meta'):
+        net = EDMPrecond(**spec['kwargs'])
+    net.load_state_dict(safetensors.torch.load_file(paths[1]), strict=True, assign=True)
+    return OneStepGenerator(net, spec['sigma_init']).eval().requires_grad_(False)
 
 #----------------------------------------------------------------------------

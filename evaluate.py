@@ -8,6 +8,8 @@
   python evaluate.py clip     --images samples/ --captions captions.txt --clip-model clip-vit-large/
   python evaluate.py latency  --ckpt runs/00000-cifar
   python evaluate.py weights  --ckpt runs/00000-cifar --num-images 6400
+  python evaluate.py export   --ckpt runs/00000-cifar --dest exported/    # also SD runs: a diffusers UNet folder
+  python evaluate.py plot     --ckpt runs/00000-cifar                  # PNGs of stats.jsonl into runs/00000-cifar/plots/
 
 Text-to-image (Table 4): a train_t2i.py run, or SD v1.5 itself (--sd alone: DDIM, 50 steps, CFG 3), prompted
 from a caption list (seed s gets line s mod N); `generate` writes captions.txt beside the images.
@@ -630,6 +632,112 @@ def plot_weights(table, f_name, path):
     plt.close(fig)
 
 #----------------------------------------------------------------------------
+# Plots of a run, for reading it ("Reading a run" in README.md): stats.jsonl (and fid-snapshots.json where
+# `evaluate.py fid` scored the run's snapshots) as one PNG per group, panels sharing the iteration axis.
+# Dashed grey lines mark where a run at chance sits (discriminator loss 2 ln 2, accuracy 0.5, r = 1, ESS 1)
+# and the clip of r.
+
+def read_stats(run):
+    path = os.path.join(run, 'stats.jsonl')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} not found: pass a run directory written by train_cifar.py, train_imagenet.py or train_t2i.py')
+    stats = [json.loads(line) for line in open(path) if line.strip()]
+    if not stats:
+        raise ValueError(f'{path} is empty: the run has not logged yet (every --log-every iterations)')
+    return stats
+
+# The stage-1 sigma bins of a run, as "a-b" labels (training_loop: fdistill.sigma_bin_edges on the task's levels).
+def bin_labels(options):
+    levels = sd_unet.SIGMAS.float() if options.get('sd') else fdistill.karras_sigmas(1000, 0.002, 80)
+    n = options.get('num_bins', 10)
+    cuts = [float(levels[int(0.02 * len(levels))])] + fdistill.sigma_bin_edges(levels, n).tolist() + [float(levels[int(0.98 * len(levels)) - 1])]
+    return [f'σ {cuts[k]:.3g}–{cuts[k + 1]:.3g}' for k in range(n)]
+
+def run_figures(stats, options, fid=None):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    it = np.array([s['iteration'] for s in stats])
+    series = lambda key: np.array([s.get(key, np.nan) for s in stats], dtype=float)
+    has = lambda key: any(key in s for s in stats)
+    bins = bin_labels(options)
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(bins)))
+    per_bin = lambda prefix: [(f'{prefix}{k}', bins[k], dict(color=colors[k])) for k in range(len(bins)) if has(f'{prefix}{k}')]
+    clip = [options['r_min'], options['r_max']] if 'r_min' in options else []
+    # group -> panels: (title, [(key, label, style)], reference ys, log y)
+    groups = dict(
+        losses=[('f-distill loss (generator steps)', [('loss_fdistill', 'loss_fdistill', {})], [], False),
+                ('GAN losses (chance: D loss 2 ln 2)', [('loss_gan_d', 'discriminator', {}), ('loss_gan_g', 'generator', {})], [2 * np.log(2)], False),
+                ('fake-score DSM', [('loss_dsm', 'loss_dsm', {})], [], True),
+                ('R1 penalty', [('loss_r1', 'loss_r1', {})], [], True),
+                ('LPIPS regression', [('loss_reg', 'loss_reg', {})], [], False)],
+        weights=[('density ratio r (mean, min, max; r = 1 and the clip dashed)', [('r_mean', 'mean', {}), ('r_min', 'min', {}), ('r_max', 'max', {})], [1] + clip, True),
+                 ('fraction of r at the clip', [('r_clipped', 'r_clipped', {})], [], False),
+                 ('normalised weight h̄ (min, max)', [('h_min', 'min', {}), ('h_max', 'max', {})], [1], True),
+                 ('effective sample size of h̄', [('h_ess', 'ESS', {})], [1], False)],
+        discriminator=[('discriminator accuracy on the critic batch, per σ bin (chance 0.5)', [('disc_acc', 'all bins', dict(color='black', linewidth=2))] + per_bin('disc_acc_bin'), [0.5], False),
+                       ('spread (std) of h̄ within each σ bin', per_bin('h_std_bin'), [], False),
+                       ('mean logit, real and generated', [('logit_real', 'real', {}), ('logit_fake', 'generated', {})], [0], False)],
+        speed=[('images / s', [('images_per_sec', 'images/s', {})], [], False),
+               ('peak memory (GB)', [('memory_gb', 'memory_gb', {})], [], False),
+               ('learning rate', [('lr', 'generator, fake score', {}), ('lr_head', 'discriminator head', {})], [], True)])
+    figures = []
+    for name, panels in groups.items():
+        panels = [(title, [line for line in lines if has(line[0])], ref, log) for title, lines, ref, log in panels]
+        panels = [panel for panel in panels if panel[1]]
+        if not panels:
+            continue
+        fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(10, 2.2 * len(panels) + 0.6), squeeze=False)
+        for ax, (title, lines, ref, log) in zip(axes[:, 0], panels):
+            for key, label, style in lines:
+                y = series(key)
+                ax.plot(it[np.isfinite(y)], y[np.isfinite(y)], label=label, **style)
+            for y in ref:
+                ax.axhline(y, color='grey', linestyle='--', linewidth=0.8)
+            lo, hi = min([np.nanmin(series(k)) for k, _, _ in lines] + ref), max([np.nanmax(series(k)) for k, _, _ in lines] + ref)
+            if log and lo > 0 and hi > 10 * lo:                 # log only where the values (or r's clip) span a decade
+                ax.set_yscale('log')
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3)
+            if len(lines) > 1:
+                ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
+        axes[-1, 0].set_xlabel('iteration')
+        fig.suptitle(f'{name}: --f {options.get("f", "?")}', fontsize=10)
+        fig.tight_layout()
+        figures.append((name, fig))
+    if fid is not None and fid.get('snapshots'):
+        snaps = sorted(fid['snapshots'], key=lambda s: s['iteration'])
+        fig, ax = plt.subplots(figsize=(8, 3))
+        ax.plot([s['iteration'] for s in snaps], [s['fid'] for s in snaps], 'o-', label='FID of snapshot')
+        if fid.get('best'):
+            ax.plot([fid['best']['iteration']], [fid['best']['fid']], '*', markersize=14, color='tab:red', label=f'best: {fid["best"]["fid"]:.3g}')
+        ax.set_xlabel('iteration')
+        ax.set_ylabel(f'FID ({snaps[-1].get("num_images", "?")} images)')
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        figures.append(('fid', fig))
+    return figures
+
+def cmd_plot(args):
+    if not os.path.exists(args.ckpt):
+        raise FileNotFoundError(f'--ckpt {args.ckpt} not found: pass a run directory (it holds stats.jsonl)')
+    run = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
+    stats = read_stats(run)
+    options_path = os.path.join(run, 'training_options.json')
+    options = json.load(open(options_path)) if os.path.isfile(options_path) else {}
+    fid_path = os.path.join(run, 'fid-snapshots.json')
+    fid = json.load(open(fid_path)) if os.path.isfile(fid_path) else None
+    outdir = args.outdir or os.path.join(run, 'plots')
+    os.makedirs(outdir, exist_ok=True)
+    import matplotlib.pyplot as plt
+    for name, fig in run_figures(stats, options, fid):
+        path = os.path.join(outdir, f'{name}.png')
+        training_loop.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110))
+        plt.close(fig)
+        print0(f'wrote {path}')
+
+#----------------------------------------------------------------------------
 # Command line. Every input is checked before any network runs; errors are one line.
 
 def write_json(path, data):
@@ -855,6 +963,79 @@ def cmd_weights(args):
             corr_h_log_score_diff=corr, stats=stats, samples_sorted_by_score_diff=table))
         print0(f'{f_name}: corr(h, log score difference) = {corr:.3f}; wrote {os.path.join(outdir, f"weights-{name}.png")} and .json')
 
+#----------------------------------------------------------------------------
+# Export: the one-step student in the formats people load elsewhere. An SD student becomes a diffusers
+# UNet2DConditionModel folder, sampled in one step at t = 999 with SD's own VAE and text encoder; an EDM
+# student becomes generator.safetensors (EDMPrecond's keys, as NVIDIA's networks) + generator.json, read back
+# by edm_nets.load_generator. The EMA weights when the run kept them. A run, a checkpoint or a snapshot file.
+
+SD_EXPORT_README = """# One-step text-to-image generator distilled with f-distill
+
+From `{source}` (iteration {iteration}, `{weights}` weights, --f {f}). A diffusers `UNet2DConditionModel`;
+it turns noise at t = 999 into an eps prediction, converted to x0 in one step (no scheduler). The VAE, text
+encoder and tokenizer are those of the SD v1.5 folder it was distilled from.
+
+```python
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+sd = {sd!r}                                      # the SD v1.5 folder (or hub id) the student was distilled from
+unet = UNet2DConditionModel.from_pretrained({dest!r}).eval()
+vae = AutoencoderKL.from_pretrained(sd, subfolder='vae').eval()
+text_encoder = CLIPTextModel.from_pretrained(sd, subfolder='text_encoder').eval()
+tokenizer = CLIPTokenizer.from_pretrained(sd, subfolder='tokenizer')
+prompt, seed = 'a photograph of an astronaut riding a horse', 0
+size = {resolution} // 2 ** (len(vae.config.block_out_channels) - 1)        # latent size of the training resolution
+
+with torch.no_grad():
+    ids = tokenizer([prompt], padding='max_length', max_length=tokenizer.model_max_length, truncation=True, return_tensors='pt').input_ids
+    ctx = text_encoder(ids)[0]
+    z = torch.randn([1, unet.config.in_channels, size, size], generator=torch.Generator().manual_seed(seed))
+    abar = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2, 0)[999]  # SD's schedule
+    x0 = (z - (1 - abar).sqrt().float() * unet(z, 999, ctx).sample) / abar.sqrt().float()                # eps -> x0 at t = 999
+    image = vae.decode(x0 / vae.config.scaling_factor).sample.float().clamp(-1, 1)
+PIL.Image.fromarray((image * 127.5 + 128).clip(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()).save('sample.png')
+```
+"""
+
+EDM_EXPORT_README = """# One-step generator distilled with f-distill
+
+From `{source}` (iteration {iteration}, `{weights}` weights, --f {f}). `generator.safetensors` is the
+state dict of EDM's `EDMPrecond` (the keys of NVIDIA's released networks), `generator.json` its constructor
+arguments and `sigma_init`; the generator is G(z, labels) = D(sigma_init z; sigma_init, labels).
+
+```python
+import torch
+import edm_nets                                  # from f-distill; or NVlabs/edm's EDMPrecond(**kwargs) with the same state dict
+
+generator = edm_nets.load_generator({dest!r})
+z = torch.randn([16, generator.net.img_channels, generator.net.img_resolution, generator.net.img_resolution])
+labels = torch.eye(generator.net.label_dim)[torch.arange(16) % generator.net.label_dim] if generator.net.label_dim else None
+with torch.no_grad():
+    images = generator(z, labels)                # in [-1, 1]
+```
+"""
+
+def cmd_export(args):
+    ckpt = load_checkpoint(args.ckpt)
+    marker = os.path.join(args.dest, 'config.json' if is_t2i(ckpt) else 'generator.safetensors')
+    if os.path.exists(marker):
+        raise FileExistsError(f'--dest {args.dest} already holds an export ({marker}): pass a new folder')
+    weights = 'generator_ema' if ckpt.get('generator_ema') is not None else 'generator'
+    info = dict(source=ckpt['path'], iteration=ckpt.get('iteration'), weights=weights, f=ckpt.get('options', {}).get('f'))
+    if is_t2i(ckpt):
+        state = {k[len('unet.'):]: v for k, v in ckpt[weights].items()}        # sd_unet.SDGenerator holds the UNet as 'unet'
+        sd_unet.save_diffusers_unet(args.dest, state, ckpt['unet_config'])
+        readme = SD_EXPORT_README.format(**info, dest=args.dest, sd=ckpt['sd'], resolution=ckpt['options']['resolution'])
+    else:
+        import edm_nets
+        edm_nets.save_generator(args.dest, load_generator(ckpt, 'cpu'), info)
+        readme = EDM_EXPORT_README.format(**info, dest=args.dest)
+    training_loop.atomic_write(os.path.join(args.dest, 'README.md'), lambda f: f.write(readme.encode()))
+    print0(f'Exported the {weights} weights of "{ckpt["path"]}" to "{args.dest}" (see its README.md)')
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Evaluate f-distill generators: images, FID, precision/recall, CLIP score, latency, Fig. 5.')
     sub = parser.add_subparsers(dest='command', required=True)
@@ -916,6 +1097,16 @@ def parse_args(argv=None):
     p.add_argument('--report', default=None, help='Output JSON')
     p.set_defaults(func=cmd_latency)
 
+    p = sub.add_parser('plot', help='PNGs of a run\'s stats.jsonl (losses, weights, discriminator per sigma bin, speed; FID per snapshot) into RUN/plots/')
+    p.add_argument('--ckpt', required=True, help='Run directory (or a file inside it)')
+    p.add_argument('--outdir', default=None, help='Where the PNGs go (default: RUN/plots)')
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser('export', help='Write the one-step student as a diffusers UNet folder (SD) or EDMPrecond safetensors + JSON (EDM)')
+    p.add_argument('--ckpt', required=True, help='Run directory (its latest checkpoint-*.pt), one checkpoint file or one snapshot file')
+    p.add_argument('--dest', required=True, help='Output folder (created): config.json + diffusion_pytorch_model.safetensors, or generator.safetensors + generator.json; and README.md')
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser('weights', help='Fig. 5: normalised h and score difference of N generated samples, sorted')
     p.add_argument('--ckpt', required=True, help='Run directory (its latest checkpoint-*.pt) or one checkpoint file')
     p.add_argument('--teacher', help="EDM teacher .pkl (default: the run's options['teacher'])")
@@ -930,7 +1121,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise SystemExit(f'evaluate.py {args.command}: {e}') from None
     finally:
         if dist.is_initialized():

@@ -120,7 +120,31 @@ def weights(logits, sigma, div, r_min, r_max, edges):
     n = sums[4]
     stats = dict(r_mean=sums[0] / n, r_min=mins[0], r_max=maxs[0], r_clipped=sums[1] / n,
                  h_mean=sums[2] / n, h_min=mins[1], h_max=maxs[1], h_ess=sums[2] ** 2 / (n * sums[3]))
-    return h_bar, {k: float(v) for k, v in stats.items()}
+    return h_bar, {k: float(v) for k, v in stats.items()} | weight_bins(h_bar, sigma, edges)
+
+# Per-sigma-bin diagnostics, on the stage-1 bins: can the discriminator tell the critic's real batch from its
+# generated one at each noise level (accuracy 0.5 = chance, where r ~ 1 and every f weights like reverse-KL),
+# and how much does h_bar vary within the level (0 for reverse-KL)? Sums all-reduced; empty bins are left out.
+def bin_sums(values, sigma, edges):
+    sigma = torch.as_tensor(sigma, device=values.device).flatten().expand(values.shape[-1:])
+    idx = torch.bucketize(sigma.float(), edges.to(values.device))
+    sums = torch.zeros(len(values), len(edges) + 1, dtype=torch.float64, device=values.device)
+    for row, v in zip(sums, values.double()):
+        row.index_add_(0, idx, v)
+    return all_reduce(sums)
+
+@torch.no_grad()
+def discriminator_bins(logits_real, logits_fake, sigma, edges):
+    correct = (logits_real.detach().float().flatten() > 0).double() + (logits_fake.detach().float().flatten() < 0).double()
+    hits, count = bin_sums(torch.stack([correct, torch.full_like(correct, 2)]), sigma, edges)
+    stats = {f'disc_acc_bin{k}': float(hits[k] / count[k]) for k in range(len(count)) if count[k] > 0}
+    return dict(disc_acc=float(hits.sum() / count.sum()), **stats)
+
+@torch.no_grad()
+def weight_bins(h_bar, sigma, edges):
+    count, total, squares = bin_sums(torch.stack([torch.ones_like(h_bar), h_bar, h_bar.square()]), sigma, edges)
+    std = (squares / count.clamp(min=1) - (total / count.clamp(min=1)) ** 2).clamp(min=0).sqrt()  # population std
+    return {f'h_std_bin{k}': float(std[k]) for k in range(len(count)) if count[k] > 0}
 
 #----------------------------------------------------------------------------
 # The f-distill loss (Eq. 4) in denoiser form, as DMD2 writes it.
@@ -214,7 +238,7 @@ def generator_loss(y, sigma, noise, teacher, fake_score, head, div, r_min, r_max
 
 # Alg. 1 lines 14-15: the fake score learns the generator's distribution by DSM; the head learns
 # real-vs-generated on teacher features, plus gamma/2 * R1 on the noised real inputs.
-def critic_loss(y, x_real, sigma_dsm, noise_dsm, sigma_gan, noise_fake, noise_real, teacher, fake_score, head, gamma, sigma_data=0.5):
+def critic_loss(y, x_real, sigma_dsm, noise_dsm, sigma_gan, noise_fake, noise_real, teacher, fake_score, head, gamma, sigma_data=0.5, edges=None):
     shape = (-1,) + (1,) * (y.ndim - 1)
     y = y.detach()
     loss_dsm = fake_score_loss(fake_score, y, sigma_dsm, noise_dsm, sigma_data)
@@ -230,6 +254,8 @@ def critic_loss(y, x_real, sigma_dsm, noise_dsm, sigma_gan, noise_fake, noise_re
     loss_r1 = r1_penalty(logits_real, x_real_t) if gamma > 0 else torch.zeros([], device=y.device)
     stats = dict(loss_dsm=loss_dsm.item(), loss_gan_d=loss_gan.item(), loss_r1=loss_r1.item(),
                  logit_real=logits_real.mean().item(), logit_fake=logits_fake.mean().item())
+    if edges is not None:
+        stats.update(discriminator_bins(logits_real, logits_fake, sigma_gan, edges))
     return loss_dsm + loss_gan + 0.5 * gamma * loss_r1, stats
 
 #----------------------------------------------------------------------------

@@ -480,6 +480,19 @@ def load_sdunet(folder):
     unet.load_state_dict(state, strict=True, assign=True)
     return unet, unet_config
 
+# The reverse of load_sdunet, for exporting a student: a diffusers UNet2DConditionModel folder (config.json with
+# every field SDUNet hard-wires written out, diffusion_pytorch_model.safetensors) that from_pretrained loads.
+def save_diffusers_unet(folder, state_dict, unet_config):
+    import safetensors.torch
+    config = dict(_class_name='UNet2DConditionModel', **SDUNET_FIXED_FIELDS, **{k: list(v) if isinstance(v, tuple) else v for k, v in unet_config.items()})
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, 'diffusion_pytorch_model.safetensors')
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, path + '.tmp', metadata=dict(format='pt'))
+    os.replace(path + '.tmp', path)
+    with open(os.path.join(folder, 'config.json.tmp'), 'w') as f:
+        json.dump(config, f, indent=2)
+    os.replace(os.path.join(folder, 'config.json.tmp'), os.path.join(folder, 'config.json'))
+
 def load_sd(folder, device='cpu', dtype=torch.float32):
     for name in SD_FOLDER_FILES:
         if not os.path.isfile(os.path.join(folder, name)):

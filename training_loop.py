@@ -56,7 +56,8 @@ def parse_args(description, preset, add_task_args=None, argv=None):
     p.add_argument('--iterations',      default=preset['iterations'], type=int, help='Total iterations M (Table 5)')
     p.add_argument('--tau',             default=preset['tau'],      type=int,   help='Generator update every tau iterations, critic otherwise (Alg. 1 line 5)')
     p.add_argument('--w-gan',           default=preset['w_gan'],    type=float, help='GAN loss weight in the generator loss (Alg. 1 line 12)')
-    p.add_argument('--lr',              default=preset['lr'],       type=float, help='Adam learning rate of generator, fake score and head (Table 5)')
+    p.add_argument('--lr',              default=preset['lr'],       type=float, help='Adam learning rate of generator and fake score, and of the head unless --lr-head (Table 5)')
+    p.add_argument('--lr-head',         default=None,               type=float, help='Adam learning rate of the discriminator head (default: --lr, Table 5); --lr2 rescales it by lr2 / lr')
     p.add_argument('--lr2',             default=preset.get('lr2'),  type=float, help='Second-stage learning rate (ImageNet fine-tuning, Table 5); off if unset')
     p.add_argument('--lr2-at',          default=preset.get('lr2_at', 0), type=int, help='Iteration at which --lr2 takes over')
     p.add_argument('--wd',              default=1e-2,               type=float, help='AdamW weight decay (Table 5)')
@@ -85,6 +86,9 @@ def parse_args(description, preset, add_task_args=None, argv=None):
     opts.disc_res = [int(r) for r in str(opts.disc_res).split(',')]
     if not 0 < opts.r_min < 1 < opts.r_max:
         p.error('--r-min must lie in (0, 1) and --r-max above 1')
+    opts.lr_head = opts.lr if opts.lr_head is None else opts.lr_head
+    if opts.lr2 is not None and opts.lr_head != opts.lr and opts.lr <= 0:
+        p.error('--lr-head with --lr2 needs --lr > 0: the head keeps the ratio lr_head / lr after --lr2-at')
     if opts.tau < 2:
         p.error('--tau must be at least 2: iterations with it % tau != 0 train the critic')
     return opts
@@ -212,7 +216,7 @@ def training_loop(opts, task, rank, world, device):
     generator, fake_score, head = task.generator.to(device), task.fake_score.to(device), task.head.to(device)
     ema = copy.deepcopy(generator).eval().requires_grad_(False) if opts.ema_halflife_kimg > 0 else None
     opt_g = torch.optim.AdamW(generator.parameters(), lr=opts.lr, weight_decay=opts.wd)
-    opt_c = torch.optim.AdamW(list(fake_score.parameters()) + list(head.parameters()), lr=opts.lr, weight_decay=opts.wd)
+    opt_c = torch.optim.AdamW([dict(params=fake_score.parameters()), dict(params=head.parameters(), lr=opts.lr_head)], lr=opts.lr, weight_decay=opts.wd)
     start, nan_total = 0, 0
 
     # Resume exactly, or warm start from another run.
@@ -298,7 +302,7 @@ def training_loop(opts, task, rank, world, device):
                     loss, st = fdistill.critic_loss(y, x_real, sigma_dsm[sl], noise_dsm[sl],    # Alg. 1 lines 14-15
                         sigma_gan[sl], noise_fake[sl], noise_real[sl],
                         lambda x, s: task.teacher(x, s, cond), lambda x, s: ddp_fake_score(x, s, cond), ddp_head,
-                        opts.r1_gamma, task.sigma_data)
+                        opts.r1_gamma, task.sigma_data, edges=edges)
                 finite &= bool(torch.isfinite(loss))
                 (loss / rounds).backward()
             stats.append(st)
@@ -312,11 +316,13 @@ def training_loop(opts, task, rank, world, device):
         opt.zero_grad(set_to_none=True)
         return ok
 
+    # --lr for the generator and fake score, --lr-head for the head (opt_c's second group); --lr2 rescales all.
     def set_lr(it):
-        lr = opts.lr2 if (opts.lr2 is not None and it >= opts.lr2_at) else opts.lr
-        for opt in (opt_g, opt_c):
-            for group in opt.param_groups:
-                group['lr'] = lr
+        second = opts.lr2 is not None and it >= opts.lr2_at
+        lr = opts.lr2 if second else opts.lr
+        lr_head = opts.lr2 * (1 if opts.lr_head == opts.lr else opts.lr_head / opts.lr) if second else opts.lr_head
+        opt_g.param_groups[0]['lr'] = opt_c.param_groups[0]['lr'] = lr
+        opt_c.param_groups[1]['lr'] = lr_head
 
     def checkpoint_state(it):
         return dict(iteration=it, nan_total=nan_total, options=vars(opts), **task.meta,
@@ -367,12 +373,12 @@ def training_loop(opts, task, rank, world, device):
             sec_per_it = (t_now - t_log) / (done - it_log)
             entry = dict(iteration=done, kimg=done * opts.batch / 1000, sec_per_it=sec_per_it,
                          images_per_sec=opts.batch / sec_per_it, eta_hours=sec_per_it * (opts.iterations - done) / 3600,
-                         nan_total=nan_total, memory_gb=memory_gb(device), lr=opt_g.param_groups[0]['lr'])
+                         nan_total=nan_total, memory_gb=memory_gb(device), lr=opt_g.param_groups[0]['lr'], lr_head=opt_c.param_groups[1]['lr'])
             for key in sorted({k for st in window for k in st}):
                 entry[key] = float(np.mean([st[key] for st in window if key in st]))
             run.append_stats(entry)
             run.log(f'it {done}/{opts.iterations}  {entry["images_per_sec"]:.1f} img/s  ETA {entry["eta_hours"]:.2f} h  '
-                    + '  '.join(f'{k} {entry[k]:.4g}' for k in ('loss_fdistill', 'loss_dsm', 'loss_gan_d', 'h_ess', 'r_mean') if k in entry))
+                    + '  '.join(f'{k} {entry[k]:.4g}' for k in ('loss_fdistill', 'loss_dsm', 'loss_gan_d', 'disc_acc', 'h_ess', 'r_mean') if k in entry))
             window, t_log, it_log = [], t_now, done
         if done % opts.snap_every == 0 or done == opts.iterations:
             grid(done)

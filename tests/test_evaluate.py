@@ -1,6 +1,7 @@
 import copy
 import json
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -467,3 +468,72 @@ def test_t2i_missing_inputs_fail_with_one_line_before_sampling(t2i, tmp_path, mo
     assert not os.path.exists(tmp_path / 'out')
 
 #----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
+# Export: the student in formats loaded without this repository's checkpoints.
+
+def test_export_edm_student_round_trips_exactly(tmp_path):
+    # A snapshot file (the checkpoint keys; the EMA differs from the raw generator): the EMA weights leave.
+    nets = write_run(tmp_path)
+    ckpt = torch.load(os.path.join(nets['run'], 'checkpoint-0000010.pt'), map_location='cpu', weights_only=True)
+    ema = randomized(copy.deepcopy(nets['generator']))
+    snapshot = str(tmp_path / 'snapshot-0000010.pt')
+    torch.save(dict(ckpt, generator_ema=ema.state_dict()), snapshot)
+    dest = str(tmp_path / 'export')
+    evaluate.main(['export', '--ckpt', snapshot, '--dest', dest])
+    assert sorted(os.listdir(dest)) == ['README.md', 'generator.json', 'generator.safetensors']
+    generator = edm_nets.load_generator(dest)
+    official = edm_nets.load_edm_pickle(nets['teacher_path'])['ema'].state_dict()     # keys of NVIDIA's pickle format
+    state = generator.net.state_dict()
+    assert state.keys() == official.keys() and all(torch.equal(state[k], ema.state_dict()[k]) for k in state)
+    assert generator.sigma_init == 80.0 and json.load(open(os.path.join(dest, 'generator.json')))['weights'] == 'generator_ema'
+    z, labels = torch.randn(3, 3, 16, 16), torch.eye(4)[[0, 1, 3]]
+    with torch.no_grad():
+        expected = evaluate.load_generator(dict(ckpt, generator_ema=ema.state_dict()), 'cpu')(z, labels)
+        assert torch.equal(generator(z, labels), expected)                    # same weights, same code: bitwise
+    assert not torch.equal(expected, evaluate.load_generator(ckpt, 'cpu')(z, labels))
+    readme = open(os.path.join(dest, 'README.md')).read()                    # its snippet runs as written
+    scope = {}
+    exec(readme.split('```python\n')[1].split('```')[0], scope)
+    assert scope['images'].shape == (16, 3, 16, 16) and torch.isfinite(scope['images']).all()
+    with pytest.raises(SystemExit, match='already holds an export'):
+        evaluate.main(['export', '--ckpt', snapshot, '--dest', dest])
+
+def test_export_sd_student_loads_in_diffusers(t2i, tmp_path, monkeypatch):
+    import logging
+    import warnings
+    import diffusers
+    import sd_unet
+    dest = str(tmp_path / 'unet')
+    evaluate.main(['export', '--ckpt', t2i['run'], '--dest', dest])
+    assert sorted(os.listdir(dest)) == ['README.md', 'config.json', 'diffusion_pytorch_model.safetensors']
+    # diffusers' own class loads it, and says nothing about missing, unexpected or ignored keys or config fields.
+    messages = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger('diffusers').addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            unet = diffusers.UNet2DConditionModel.from_pretrained(dest).eval()
+    finally:
+        logging.getLogger('diffusers').removeHandler(handler)
+    messages += [str(w.message) for w in caught]
+    assert not [m for m in messages if re.search(r'missing|unexpected|not used|were not initialized|newly initialized|ignored', m, re.I)], messages
+    ckpt = evaluate.load_checkpoint(t2i['run'])
+    ours = evaluate.load_sd_generator(ckpt, 'cpu').unet                       # the EMA weights, as evaluate samples them
+    torch.manual_seed(1)
+    z, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        # Same weights, the same float32 operations in another order (attention, GEGLU): rounding-level differences.
+        torch.testing.assert_close(unet(z, 999, ctx).sample, ours(z, 999, ctx), atol=1e-5, rtol=1e-4)
+    raw = sd_unet.SDUNet(**ckpt['unet_config'])
+    raw.load_state_dict({k[len('unet.'):]: v for k, v in ckpt['generator'].items()})
+    with torch.no_grad():
+        assert (unet(z, 999, ctx).sample - raw(z, 999, ctx)).abs().max() > 1e-3   # not the raw generator
+    # The README's snippet (diffusers VAE and text encoder, one step at t = 999) draws what `generate` draws.
+    evaluate.main(['generate', '--ckpt', t2i['run'], '--captions', t2i['prompts'], '--outdir', str(tmp_path / 'ours'), '--seeds', '3', '--batch', '1'])
+    snippet = open(os.path.join(dest, 'README.md')).read().split('```python\n')[1].split('```')[0]
+    assert f"sd = {t2i['sd']!r}" in snippet
+    monkeypatch.chdir(tmp_path)
+    exec(snippet.replace("prompt, seed = 'a photograph of an astronaut riding a horse', 0", "prompt, seed = 'a cat', 3"), {})
+    assert same_image(np.array(PIL.Image.open(tmp_path / 'sample.png')), read_png(tmp_path / 'ours', 3))

@@ -275,6 +275,10 @@ def test_weights_and_diagnostics(name):
     assert stats['r_min'] == pytest.approx(R_MIN, rel=1e-5) and stats['r_max'] == pytest.approx(R_MAX, rel=1e-5)
     assert stats['h_min'] == pytest.approx(expected.min().item(), rel=1e-5, abs=1e-7)
     assert stats['h_max'] == pytest.approx(expected.max().item(), rel=1e-5)
+    idx = bin_index(sigma, edges)                                       # spread of h_bar within each sigma bin
+    for k in range(NUM_BINS):
+        assert stats[f'h_std_bin{k}'] == pytest.approx(expected[idx == k].std(unbiased=False).item(), rel=1e-5, abs=1e-7)
+    assert (max(stats[f'h_std_bin{k}'] for k in range(NUM_BINS)) == 0) == (name == 'rkl')
 
 # Karras levels crowd near sigma_min, so stage-1 bins cut at equal steps of the level index. The contrast:
 # 10 equal-width bins over [0.002, 80] put about 65% of the sampled sigmas into the lowest bin (0.003..8),
@@ -468,7 +472,7 @@ def test_critic_loss_trains_critics_not_generator():
     gamma = 0.5
     y = generator(z)
     loss, stats = fdistill.critic_loss(y, x_real, sigma_dsm, noise_dsm, sigma_gan, noise_fake, noise_real,
-                                       teacher, fake_score, head, gamma)
+                                       teacher, fake_score, head, gamma, edges=edges)
     loss.backward()
     assert y.grad_fn is not None and all(p.grad is None for p in generator.parameters())
     assert all(p.grad is not None for p in fake.parameters()) and all(p.grad is not None for p in head.parameters())
@@ -484,5 +488,23 @@ def test_critic_loss_trains_critics_not_generator():
     expected = dsm + F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean() + gamma / 2 * r1
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert stats['loss_r1'] == pytest.approx(r1.item(), rel=1e-5)
+    correct = torch.cat([logits_real > 0, logits_fake < 0]).double()    # the head's accuracy on this very batch
+    assert stats['disc_acc'] == pytest.approx(correct.mean().item(), abs=1e-12)
+    idx = bin_index(sigma_gan, edges).repeat(2)
+    for k in range(4):
+        assert stats.get(f'disc_acc_bin{k}') == (pytest.approx(correct[idx == k].mean().item(), abs=1e-12) if (idx == k).any() else None)
+
+# Per-bin accuracy against counts by hand; bins without samples are left out, so stats.jsonl stays finite.
+def test_discriminator_bins_by_hand():
+    gen = torch.Generator().manual_seed(16)
+    edges = torch.tensor([0.1, 1.0, 10.0])
+    sigma = torch.cat([torch.full([40], 0.05), torch.full([60], 5.0)])           # bins 0 and 2 only
+    logits_real, logits_fake = torch.randn(2, 100, generator=gen) + torch.tensor([[0.0], [-2.0]])
+    stats = fdistill.discriminator_bins(logits_real, logits_fake, sigma, edges)
+    assert sorted(stats) == ['disc_acc', 'disc_acc_bin0', 'disc_acc_bin2']
+    for k, part in ((0, slice(0, 40)), (2, slice(40, 100))):
+        hits = (logits_real[part] > 0).sum() + (logits_fake[part] < 0).sum()
+        assert stats[f'disc_acc_bin{k}'] == pytest.approx(hits.item() / (2 * len(sigma[part])), abs=1e-12)
+    assert stats['disc_acc'] == pytest.approx(((logits_real > 0).sum() + (logits_fake < 0).sum()).item() / 200, abs=1e-12)
 
 #----------------------------------------------------------------------------

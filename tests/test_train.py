@@ -75,6 +75,22 @@ def test_torchrun_two_processes_end_to_end_and_equal_to_one_process(files, strai
     # into differences up to ~lr per step; a normalisation over the local batch differs by far more.
     for key in ('generator', 'generator_ema', 'fake_score', 'head'):
         assert_same(a[key], b[key], atol=1e-4)
+    # Per-sigma-bin diagnostics are all-reduced: the 2-process log equals the 1-process one (iteration 0 is a
+    # generator step, h_bar spread; iteration 1 a critic step, accuracy, from the same initial head).
+    one = [json.loads(line) for line in open(straight / 'stats.jsonl')]
+    bins = lambda s, prefix: {k: v for k, v in s.items() if k.startswith(prefix)}
+    assert bins(stats[0], 'h_std_bin') == pytest.approx(bins(one[0], 'h_std_bin'), rel=1e-4, abs=1e-6) and bins(one[0], 'h_std_bin')
+    assert bins(stats[1], 'disc_acc') == pytest.approx(bins(one[1], 'disc_acc'), abs=1e-9) and len(bins(one[1], 'disc_acc_bin')) > 1
+
+def test_lr_head_sets_the_head_step_and_follows_lr2(files, tmp_path):
+    # AdamW's first step moves every parameter with a nonzero gradient by lr (m / sqrt(v) = +-1) plus lr * wd * p,
+    # so the largest change in the first critic step (iteration 1) is the head's lr, and the fake score's.
+    train(files, tmp_path, '--iterations', '3', '--lr', '1e-3', '--lr-head', '1e-2', '--lr2', '1e-4', '--lr2-at', '2')
+    a, b = load(tmp_path, 1), load(tmp_path, 2)
+    step = lambda key: max((a[key][k] - b[key][k]).abs().max().item() for k in a[key])
+    assert step('head') == pytest.approx(1e-2, rel=0.03) and step('fake_score') == pytest.approx(1e-3, rel=0.03)
+    stats = [json.loads(line) for line in open(tmp_path / 'stats.jsonl')]
+    assert [v for s in stats for v in (s['lr'], s['lr_head'])] == pytest.approx([1e-3, 1e-2, 1e-3, 1e-2, 1e-4, 1e-3])  # --lr2 keeps the ratio
 
 def test_resume_equals_straight_run(files, straight, tmp_path):
     train(files, tmp_path, '--iterations', '4', '--ema-halflife-kimg', '0.01')
@@ -170,3 +186,36 @@ def test_bad_input_fails_before_training(files, tmp_path, case):
                   resolution_mismatch='3x16x16 images; the teacher wants 3x8x8')[case]
     assert expect in last, last
     assert not os.path.exists(tmp_path / 'run' / 'stats.jsonl')
+
+def test_plot_draws_the_logged_values(straight, tmp_path):
+    import shutil
+    import PIL.Image
+    import evaluate
+    run = tmp_path / 'run'
+    os.makedirs(run)
+    for name in ('stats.jsonl', 'training_options.json'):
+        shutil.copy(straight / name, run / name)
+    evaluate.main(['plot', '--ckpt', str(run)])
+    assert sorted(os.listdir(run / 'plots')) == ['discriminator.png', 'losses.png', 'speed.png', 'weights.png']   # no FID scored yet
+    assert min(PIL.Image.open(run / 'plots' / 'discriminator.png').size) > 300
+    # With the FID-per-snapshot file of `evaluate.py fid` (cmd_plot reads RUN/fid-snapshots.json), a fifth figure;
+    # every line is the logged numbers.
+    fid = dict(snapshots=[dict(iteration=7, path='snapshot-0000007.pt', fid=9.0, num_images=64),
+                          dict(iteration=3, path='snapshot-0000003.pt', fid=12.5, num_images=64)],
+               best=dict(iteration=7, path='snapshot-0000007.pt', fid=9.0))
+    stats = [json.loads(line) for line in open(run / 'stats.jsonl')]
+    figures = dict(evaluate.run_figures(stats, json.load(open(run / 'training_options.json')), fid))
+    assert sorted(figures) == ['discriminator', 'fid', 'losses', 'speed', 'weights']
+    def line(name, title_part, label):
+        ax = next(ax for ax in figures[name].axes if title_part in ax.get_title())
+        return next(l for l in ax.get_lines() if l.get_label() == label)
+    for name, title, label, key in [('losses', 'GAN', 'discriminator', 'loss_gan_d'), ('weights', 'effective', 'ESS', 'h_ess'),
+                                    ('discriminator', 'accuracy', 'all bins', 'disc_acc'), ('speed', 'images', 'images/s', 'images_per_sec')]:
+        logged = [(s['iteration'], s[key]) for s in stats if key in s]
+        assert list(zip(*line(name, title, label).get_data())) == pytest.approx(logged), key
+    acc = next(ax for ax in figures['discriminator'].axes if 'accuracy' in ax.get_title())
+    assert len(acc.get_lines()) - 2 == len({k for s in stats for k in s if k.startswith('disc_acc_bin')}) > 1   # + all bins + chance
+    assert [list(v) for v in figures['fid'].axes[0].get_lines()[0].get_data()] == [[3, 7], [12.5, 9.0]]
+    with pytest.raises(SystemExit, match='--ckpt .*none not found') as error:
+        evaluate.main(['plot', '--ckpt', str(tmp_path / 'none')])
+    assert '\n' not in str(error.value)
