@@ -8,7 +8,7 @@ Xu, Nie, Vahdat, "One-step Diffusion Models with f-Divergence Distribution Match
   mode_coverage.png  the full Algorithm 1 from a skewed start, all six divergences, one row per setting.
   results.json, results.md  the numbers behind the figures (mean and spread over seeds).
 
-  python toy2d.py                       # ~10 min on 2 CPU cores
+  python toy2d.py                       # ~13 CPU-minutes: ~7 min on 2 free cores
   python toy2d.py --quick --outdir /tmp/toy   # reduced, well under a minute
 """
 
@@ -587,12 +587,13 @@ def main(argv=None):
         jobs = [('distill', results['settings'][s], seed, n, starts[seed]) for s in args.settings for seed in seeds for n in NAMES]
         t_runs = time.time()
         def distilled(i, result):
-            os_, seed, name, (metrics, x) = result
-            runs[os_['setting']][name][seed] = metrics
+            job_options, seed, name, (metrics, x) = result
+            setting = job_options['setting']
+            runs[setting][name][seed] = metrics
             if seed == 0:
-                samples[os_['setting']][name] = x
+                samples[setting][name] = x
             eta = (time.time() - t_runs) / (i + 1) * (len(jobs) - i - 1)
-            progress(f'[{i + 1:2d}/{len(jobs)}] {os_["setting"]:8s} {name:9s} seed {seed}: modes {metrics["modes_covered"]}/{metrics["num_modes"]}, TV {metrics["tv"]:.3f}, '
+            progress(f'[{i + 1:2d}/{len(jobs)}] {setting:8s} {name:9s} seed {seed}: modes {metrics["modes_covered"]}/{metrics["num_modes"]}, TV {metrics["tv"]:.3f}, '
                      f'off-mode {metrics["off_mode"]:.3f}, Var(h)/E[h]^2 {metrics["weight_variance"]:.3g}, {metrics["seconds"]:.1f} CPU s (eta {eta:.0f} s)')
         run_jobs(jobs, pool, distilled)
     finally:
