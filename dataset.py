@@ -51,20 +51,27 @@ class ImageDataset:
     def _load_labels(self, names):
         if 'dataset.json' not in names:
             return None
-        with self._open('dataset.json') as f:
-            labels = json.load(f).get('labels')
+        try:
+            with self._open('dataset.json') as f:
+                labels = json.load(f).get('labels')
+            labels = None if labels is None else dict(labels)
+        except (ValueError, TypeError, AttributeError) as err:
+            raise ValueError(f'Dataset {self.path}: dataset.json is not {{"labels": [[filename, label], ...]}} ({err})') from None
         if labels is None:
             return None
-        labels = dict(labels)
         missing = [f for f in self.files if f not in labels]
         if missing:
             raise ValueError(f'Dataset {self.path}: dataset.json has no label for {missing[0]} ({len(missing)} images unlabelled)')
         return np.array([labels[f] for f in self.files], dtype=np.int64)
 
-    # One image as uint8 HWC.
+    # One image as uint8 HWC. A damaged file is named when it is drawn (reading every image up front would
+    # take minutes on ImageNet).
     def image(self, i):
-        with self._open(self.files[i]) as f:
-            image = np.array(PIL.Image.open(f))
+        try:
+            with self._open(self.files[i]) as f:
+                image = np.array(PIL.Image.open(f))
+        except (OSError, SyntaxError, zipfile.BadZipFile) as err:
+            raise ValueError(f'Dataset {self.path}: cannot read {self.files[i]} ({err}); replace or remove that image') from None
         return image[:, :, np.newaxis] if image.ndim == 2 else image
 
     # A batch as uint8 NCHW; all images must share the first image's shape.

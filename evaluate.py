@@ -27,7 +27,6 @@ covariance, scipy's sqrtm. Precision/recall of Kynkaenniemi et al. 2019 (k = 3) 
 them. Every path comes from the user; nothing is downloaded.
 """
 
-import argparse
 import glob
 import io
 import json
@@ -93,15 +92,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 # Running feature statistics as in EDM's fid.py: float64 sum and sum of outer products, all-reduced over
 # ranks, then mu = sum / n and the unbiased Sigma = (sum x x^T - n mu mu^T) / (n - 1). The features
 # themselves are kept only when precision/recall needs them.
-FEATURE_DIM = 2048                                          # Inception-v3 pool3 features
-
 class FeatureStats:
     def __init__(self,
-        dim             = None,     # Feature dimension; None = FEATURE_DIM.
+        dim,                        # Feature dimension: the detector's (2048 for Inception-v3 pool3).
         keep_features   = False,    # Keep the features for precision/recall.
         device          = 'cpu',    # Where the sums live.
     ):
-        dim = dim or FEATURE_DIM
         self.num = 0
         self.sum = torch.zeros([dim], dtype=torch.float64, device=device)
         self.sum_outer = torch.zeros([dim, dim], dtype=torch.float64, device=device)
@@ -197,7 +193,9 @@ def precision_recall(real_features, fake_features, k=3):
 
 #----------------------------------------------------------------------------
 # NVIDIA's Inception-v3 for FID (a PyTorch translation of TensorFlow's inception-2015-12-05), as a
-# TorchScript archive: torch.jit.load runs no pickled Python. Called on uint8 NCHW images of any size.
+# TorchScript archive: torch.jit.load unpickles no Python objects, but the archive is a program that runs, so
+# a detector must come from a source one trusts. Called on uint8 NCHW images of any size. Another TorchScript
+# detector with the same call (e.g. a domain classifier) may give features of another size.
 
 DETECTOR_HINT = "download it yourself from NVIDIA's EDM/StyleGAN3 metrics page and pass --detector"
 
@@ -216,6 +214,14 @@ def inception_features(detector, images):
     if images.shape[1] == 1:
         images = images.repeat([1, 3, 1, 1])
     return detector(images, return_features=True)
+
+# The detector's feature size, from one blank image of the evaluated shape.
+def feature_dim(detector, image_shape, device):
+    return inception_features(detector, torch.zeros([1, *image_shape], dtype=torch.uint8, device=device)).shape[-1]
+
+def image_shape(path):
+    data = dataset.ImageDataset(path)
+    return (data.channels, data.resolution, data.resolution)
 
 #----------------------------------------------------------------------------
 # Images on disk: a folder or zip of PNGs in EDM's dataset_tool layout, read by dataset.py in sorted file
@@ -322,7 +328,7 @@ def sd_folder(args, ckpt):
 
 def load_checkpoint(path):
     path = find_checkpoint(path)
-    ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    ckpt = training_loop.load_checkpoint(path, mmap=True)
     missing = [k for k in (T2I_KEYS if is_t2i(ckpt) else EDM_KEYS) if ckpt.get(k) is None]
     if missing:
         kind = 'a text-to-image generator (train_t2i.py)' if is_t2i(ckpt) else 'an EDM generator'
@@ -470,7 +476,7 @@ def generate(sampler, seeds, batch_size, device, label=''):
 # Inception statistics of generated seeds or of images on disk, accumulated over all ranks.
 
 def stats_of_seeds(sampler, seeds, detector, batch_size, device, keep_features, label=''):
-    stats = FeatureStats(keep_features=keep_features, device=device)
+    stats = FeatureStats(feature_dim(detector, sampler.image_shape, device), keep_features=keep_features, device=device)
     for _seeds, images in generate(sampler, seeds, batch_size, device, label):
         if len(images):
             stats.append(inception_features(detector, images))
@@ -488,7 +494,7 @@ def select_images(path, num=None, seed=0):
     return idx.tolist()
 
 def stats_of_images(path, detector, batch_size, device, keep_features, num=None, seed=0):
-    stats = FeatureStats(keep_features=keep_features, device=device)
+    stats = FeatureStats(feature_dim(detector, image_shape(path), device), keep_features=keep_features, device=device)
     idx = select_images(path, num, seed)
     start = time.time()
     for images in iterate_images(path, batch_size, idx[get_rank() :: get_world_size()]):
@@ -856,6 +862,9 @@ def cmd_fid(args):
         ref = dict(mu=mu, sigma=sigma, features=stats.all_features() if pr else None)
     real_features = torch.as_tensor(ref['features'], device=device) if pr else None
     sampler = load_source(args, ckpt, prompts, device) if args.images is None else None
+    dim = feature_dim(detector, sampler.image_shape if sampler is not None else image_shape(args.images), device)
+    if dim != len(ref['mu']):
+        raise ValueError(f'--ref "{args.ref}" holds {len(ref["mu"])}-d features but --detector "{args.detector}" gives {dim}-d ones: build the reference with the same detector (evaluate.py ref --detector ...)')
     results = []
     for i, seeds in enumerate(seed_sets):
         if seeds is None:
@@ -1037,48 +1046,48 @@ def cmd_export(args):
     print0(f'Exported the {weights} weights of "{ckpt["path"]}" to "{args.dest}" (see its README.md)')
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Evaluate f-distill generators: images, FID, precision/recall, CLIP score, latency, Fig. 5.')
+    parser = training_loop.ArgumentParser(description='Evaluate f-distill generators: images, FID, precision/recall, CLIP score, latency, Fig. 5.')
     sub = parser.add_subparsers(dest='command', required=True)
 
     def source(p, teacher_help='EDM teacher .pkl: evaluate the teacher with its sampler instead of a run', captions_help=PROMPTS_HINT):
         p.add_argument('--ckpt', help='Run directory (its latest checkpoint-*.pt) or one checkpoint file; an EDM or a text-to-image (train_t2i.py) run')
         p.add_argument('--teacher', help=teacher_help)
         p.add_argument('--sampler', default='cifar10', choices=['cifar10', 'imagenet64'], help="EDM teacher sampler preset: EDM's 18-step Heun (35 NFE) or ImageNet's 256-step stochastic one")
-        p.add_argument('--steps', type=int, default=None, help=f'Teacher sampler steps (default: the EDM preset\'s; SD\'s DDIM: {SD_TEACHER_STEPS}, Table 4)')
+        p.add_argument('--steps', type=training_loop.positive_int, default=None, help=f'Teacher sampler steps (default: the EDM preset\'s; SD\'s DDIM: {SD_TEACHER_STEPS}, Table 4)')
         p.add_argument('--sd', help="Local diffusers-format SD v1.5 folder: alone, the SD teacher with DDIM; with a text-to-image --ckpt, overrides the checkpoint's folder")
         p.add_argument('--captions', help=captions_help)
         p.add_argument('--cfg', type=float, default=3.0, help='Classifier-free guidance of the SD teacher\'s DDIM (Table 4: 3); the one-step generator has it distilled in')
-        p.add_argument('--resolution', type=int, default=None, help='Text-to-image resolution in pixels (default: the run\'s --resolution; the SD teacher: its UNet\'s, 512)')
+        p.add_argument('--resolution', type=training_loop.positive_int, default=None, help='Text-to-image resolution in pixels (default: the run\'s --resolution; the SD teacher: its UNet\'s, 512)')
         p.add_argument('--bf16', action='store_true', help='bf16 autocast for the SD text encoder, UNet and VAE')
 
     p = sub.add_parser('generate', help='Write images of seeds to a PNG folder or .zip')
     source(p)
     p.add_argument('--outdir', required=True, help='Output folder, or a path ending in .zip; files are <seed>.png')
     p.add_argument('--seeds', default='0-63', help='Seeds, e.g. 0-49999 or 0-9,100-109')
-    p.add_argument('--batch', type=int, default=64, help='Images per batch and GPU')
+    p.add_argument('--batch', type=training_loop.positive_int, default=64, help='Images per batch and GPU')
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser('ref', help='Reference statistics of a dataset: EDM .npz (mu, sigma) plus features for precision/recall')
     p.add_argument('--data', required=True, help='Dataset folder or .zip of PNGs (EDM dataset_tool layout)')
     p.add_argument('--dest', required=True, help='Output .npz')
-    p.add_argument('--detector', required=True, help="NVIDIA's inception-2015-12-05.pt (TorchScript)")
+    p.add_argument('--detector', required=True, help="NVIDIA's inception-2015-12-05.pt, or another TorchScript feature detector; TorchScript is a program that runs, so pass only a file you trust")
     p.add_argument('--no-features', action='store_true', help='Store only mu and sigma (no precision/recall later)')
-    p.add_argument('--batch', type=int, default=64, help='Images per batch and GPU')
+    p.add_argument('--batch', type=training_loop.positive_int, default=64, help='Images per batch and GPU')
     p.set_defaults(func=cmd_ref)
 
     p = sub.add_parser('fid', help='FID and precision/recall of a run, a teacher or an image folder against a reference')
     source(p)
     p.add_argument('--images', help='A folder/.zip of images to evaluate instead of generating')
     p.add_argument('--ref', required=True, help='Reference .npz (EDM format; with features for precision/recall) or a dataset folder/.zip')
-    p.add_argument('--detector', required=True, help="NVIDIA's inception-2015-12-05.pt (TorchScript)")
-    p.add_argument('--num-images', type=int, default=None, help='Images per set (default 50k, Tables 2-3; text-to-image: one per caption, e.g. MS-COCO 30k)')
-    p.add_argument('--repeats', type=int, default=1, help='Seed sets 0..num-1, num..2num-1, ...; the literature reports the min of 3')
+    p.add_argument('--detector', required=True, help="NVIDIA's inception-2015-12-05.pt, or another TorchScript feature detector; TorchScript is a program that runs, so pass only a file you trust")
+    p.add_argument('--num-images', type=training_loop.positive_int, default=None, help='Images per set (default 50k, Tables 2-3; text-to-image: one per caption, e.g. MS-COCO 30k)')
+    p.add_argument('--repeats', type=training_loop.positive_int, default=1, help='Seed sets 0..num-1, num..2num-1, ...; the literature reports the min of 3')
     p.add_argument('--seeds', help='Explicit seed sets, one per comma, e.g. 0-49999,50000-99999 (overrides --num-images/--repeats)')
     p.add_argument('--seed', type=int, default=0, help='With --images: which random subset of --num-images images when the folder holds more')
-    p.add_argument('--k', type=int, default=3, help='Neighbourhood size of precision/recall (Kynkaenniemi et al.: 3)')
+    p.add_argument('--k', type=training_loop.positive_int, default=3, help='Neighbourhood size of precision/recall (Kynkaenniemi et al.: 3)')
     p.add_argument('--no-pr', action='store_true', help='FID only (e.g. against an EDM .npz without features)')
     p.add_argument('--report', default='metrics.json', help='Output JSON: every set, and min/mean over sets')
-    p.add_argument('--batch', type=int, default=64, help='Images per batch and GPU')
+    p.add_argument('--batch', type=training_loop.positive_int, default=64, help='Images per batch and GPU')
     p.set_defaults(func=cmd_fid)
 
     p = sub.add_parser('clip', help='CLIP score (mean cosine of image and caption embeddings, Table 4) of images, or of a text-to-image source')
@@ -1087,13 +1096,13 @@ def parse_args(argv=None):
     p.add_argument('--seeds', help='Seeds to generate with a source (default: one per caption, 0..N-1)')
     p.add_argument('--clip-model', required=True, help='Local transformers CLIP model folder (config.json, weights, tokenizer, preprocessor)')
     p.add_argument('--report', default=None, help='Output JSON')
-    p.add_argument('--batch', type=int, default=32, help='Images per batch and GPU')
+    p.add_argument('--batch', type=training_loop.positive_int, default=32, help='Images per batch and GPU')
     p.set_defaults(func=cmd_clip)
 
     p = sub.add_parser('latency', help='Seconds per image at batch 1: one-step generator vs teacher sampler (Table 4)')
     source(p, teacher_help="EDM teacher .pkl (default: the run's options['teacher'])")
-    p.add_argument('--warmup', type=int, default=5, help='Untimed calls first')
-    p.add_argument('--repeats', type=int, default=20, help='Timed calls, averaged')
+    p.add_argument('--warmup', type=training_loop.non_negative_int, default=5, help='Untimed calls first')
+    p.add_argument('--repeats', type=training_loop.positive_int, default=20, help='Timed calls, averaged')
     p.add_argument('--report', default=None, help='Output JSON')
     p.set_defaults(func=cmd_latency)
 
@@ -1110,19 +1119,18 @@ def parse_args(argv=None):
     p = sub.add_parser('weights', help='Fig. 5: normalised h and score difference of N generated samples, sorted')
     p.add_argument('--ckpt', required=True, help='Run directory (its latest checkpoint-*.pt) or one checkpoint file')
     p.add_argument('--teacher', help="EDM teacher .pkl (default: the run's options['teacher'])")
-    p.add_argument('--num-images', type=int, default=6400, help='Generated samples (6.4k in Fig. 5)')
+    p.add_argument('--num-images', type=training_loop.positive_int, default=6400, help='Generated samples (6.4k in Fig. 5)')
     p.add_argument('--seed', type=int, default=0, help='First seed')
     p.add_argument('--outdir', default=None, help='Where weights-<checkpoint>.png/.json go (default: the run directory)')
-    p.add_argument('--batch', type=int, default=64, help='Samples per batch and GPU')
+    p.add_argument('--batch', type=training_loop.positive_int, default=64, help='Samples per batch and GPU')
     p.set_defaults(func=cmd_weights)
     return parser.parse_args(argv)
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        raise SystemExit(f'evaluate.py {args.command}: {e}') from None
+        with training_loop.user_errors(f'evaluate.py {args.command}'):
+            args.func(args)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -465,9 +465,14 @@ def load_sdunet(folder):
     config_path = os.path.join(folder, 'unet', 'config.json')
     weights_path = os.path.join(folder, 'unet', 'diffusion_pytorch_model.safetensors')
     import safetensors.torch
-    with open(config_path) as f:
-        unet_config = unet_kwargs_from_config(json.load(f), config_path)
-    state = safetensors.torch.load_file(weights_path)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+        state = safetensors.torch.load_file(weights_path)
+    except Exception as err:                    # a damaged config or weights file, however the library says it
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(f'{folder}/unet is damaged: {type(err).__name__}: {detail}; {SD_FOLDER_HINT}') from None
+    unet_config = unet_kwargs_from_config(config, config_path)
     with torch.device('meta'): # No time spent on a random init that the weights overwrite.
         unet = SDUNet(**unet_config)
     expected = {key: tuple(value.shape) for key, value in unet.state_dict().items()}

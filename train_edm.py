@@ -5,6 +5,7 @@ training_loop.py.
 """
 
 import os
+import sys
 
 import numpy as np
 import torch
@@ -21,12 +22,12 @@ import training_loop
 def add_edm_args(p):
     p.add_argument('--teacher',         default=None,               help='EDM teacher pickle, e.g. edm-imagenet-64x64-cond-adm.pkl')
     p.add_argument('--data',            default=None,               help='Real images for the GAN: zip or folder from EDM\'s dataset_tool.py')
-    p.add_argument('--sigma-init',      default=80.0, type=float,   help='Generator G(z) = D(sigma_init * z, sigma_init)')
+    p.add_argument('--sigma-init',      default=80.0, type=training_loop.non_negative_float, help='Generator G(z) = D(sigma_init * z, sigma_init)')
     p.add_argument('--random-teacher',  action='store_true',        help='Benchmark only: the preset architecture with random weights, synthetic data')
-    p.add_argument('--reg-weight',      default=0.0, type=float,    help='Weight of DMD\'s LPIPS regression to teacher ODE pairs; 0 = off (paper setting)')
-    p.add_argument('--reg-pairs',       default=10000, type=int,    help='Number of (z, teacher ODE sample) pairs, generated once and cached')
-    p.add_argument('--reg-batch',       default=16, type=int,       help='Regression pairs per GPU per generator step')
-    p.add_argument('--reg-steps',       default=18, type=int,       help='Heun steps of the teacher sampler for the pairs (18 = 35 NFE)')
+    p.add_argument('--reg-weight',      default=0.0, type=training_loop.non_negative_float, help='Weight of DMD\'s LPIPS regression to teacher ODE pairs; 0 = off (paper setting)')
+    p.add_argument('--reg-pairs',       default=10000, type=training_loop.positive_int, help='Number of (z, teacher ODE sample) pairs, generated once and cached')
+    p.add_argument('--reg-batch',       default=16, type=training_loop.positive_int, help='Regression pairs per GPU per generator step')
+    p.add_argument('--reg-steps',       default=18, type=training_loop.positive_int, help='Heun steps of the teacher sampler for the pairs (18 = 35 NFE)')
     p.add_argument('--lpips-vgg',       default=None,               help='torchvision VGG-16 weights (vgg16-397923af.pth) for LPIPS; needed with --reg-weight')
 
 #----------------------------------------------------------------------------
@@ -65,7 +66,10 @@ def build_task(opts, preset, device, rank, world):
         check_data(data, teacher)
     generator = edm_nets.make_generator(teacher, opts.sigma_init).train().requires_grad_(True)
     fake_score = edm_nets.make_generator(teacher, opts.sigma_init).net.train().requires_grad_(True)
-    head_kwargs = dict(channels=edm_nets.feature_channels(teacher, opts.disc_res), resolutions=opts.disc_res)
+    try:
+        head_kwargs = dict(channels=edm_nets.feature_channels(teacher, opts.disc_res), resolutions=opts.disc_res)
+    except ValueError as err:
+        raise ValueError(f'--disc-res {",".join(map(str, opts.disc_res))}: {err}; pass --disc-res with some of those') from None
     head = fdistill.DiscriminatorHead(**head_kwargs)
     shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
     num_classes = teacher.label_dim
@@ -149,7 +153,8 @@ def regression_loss(opts, teacher, cond, shape, device, rank, world):
 #----------------------------------------------------------------------------
 
 def main(description, preset, argv=None):
-    opts = training_loop.parse_args(description, preset, add_edm_args, argv)
-    training_loop.main(opts, lambda opts, device, rank, world: build_task(opts, preset, device, rank, world))
+    with training_loop.user_errors(os.path.basename(sys.argv[0])):
+        opts = training_loop.parse_args(description, preset, add_edm_args, argv)
+        training_loop.main(opts, lambda opts, device, rank, world: build_task(opts, preset, device, rank, world))
 
 #----------------------------------------------------------------------------

@@ -39,10 +39,10 @@ def add_t2i_args(p):
     p.add_argument('--sd',              default=None,               help='Local diffusers-format SD v1.5 folder (unet/, vae/, text_encoder/, tokenizer/)')
     p.add_argument('--data',            default=None,               help='Image-caption pairs: a .jsonl ({"image", "caption"}), a .csv (image,caption) or a folder of images with .txt captions')
     p.add_argument('--cfg',             default=1.75, type=float,   help='Classifier-free guidance of the teacher denoiser (Table 5)')
-    p.add_argument('--resolution',      default=512, type=int,      help='Image resolution; latents are resolution / 8')
+    p.add_argument('--resolution',      default=512, type=training_loop.positive_int, help='Image resolution; latents are resolution / 8')
     p.add_argument('--sigma-data',      default=1.0, type=float,    help='sigma_data of the DSM weighting; scaled SD latents have about unit std')
     p.add_argument('--grad-ckpt',       action='store_true',        help='Gradient checkpointing in all three UNets')
-    p.add_argument('--encode-batch',    default=16, type=int,       help='Images per VAE call when caching latents')
+    p.add_argument('--encode-batch',    default=16, type=training_loop.positive_int, help='Images per VAE call when caching latents')
 
 #----------------------------------------------------------------------------
 # Image-caption pairs from local disk, validated before any compute.
@@ -172,6 +172,7 @@ def trainable_copy(unet, grad_ckpt):
 #----------------------------------------------------------------------------
 
 if __name__ == '__main__':
-    training_loop.main(training_loop.parse_args(__doc__, PRESET, add_t2i_args), build_task)
+    with training_loop.user_errors('train_t2i.py'):
+        training_loop.main(training_loop.parse_args(__doc__, PRESET, add_t2i_args), build_task)
 
 #----------------------------------------------------------------------------

@@ -10,9 +10,13 @@ import copy
 import gc
 import glob
 import json
+import math
 import os
+import re
 import resource
+import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -47,51 +51,117 @@ class Task:
 #----------------------------------------------------------------------------
 # Flags. Each script passes its Table 5 preset as the defaults.
 
+# A bad flag is one line too, like every other user error; the usage is in --help.
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
 def parse_args(description, preset, add_task_args=None, argv=None):
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--outdir',          default=preset['outdir'],   help='Run directory (created; holds checkpoints, logs, grids)')
     p.add_argument('--f',               default=preset['f'],        help='f-divergence: rkl, srkl, js, hellinger, fkl, jeffreys or sba:<lambda> (Table 1)')
-    p.add_argument('--batch',           default=preset['batch'],    type=int,   help='Global batch size B (Table 5)')
-    p.add_argument('--batch-gpu',       default=None,               type=int,   help='Samples per GPU per round; the rest is gradient accumulation (default: all of its share)')
-    p.add_argument('--iterations',      default=preset['iterations'], type=int, help='Total iterations M (Table 5)')
+    p.add_argument('--batch',           default=preset['batch'],    type=positive_int, help='Global batch size B (Table 5)')
+    p.add_argument('--batch-gpu',       default=None,               type=positive_int, help='Samples per GPU per round; the rest is gradient accumulation (default: all of its share)')
+    p.add_argument('--iterations',      default=preset['iterations'], type=positive_int, help='Total iterations M (Table 5)')
     p.add_argument('--tau',             default=preset['tau'],      type=int,   help='Generator update every tau iterations, critic otherwise (Alg. 1 line 5)')
-    p.add_argument('--w-gan',           default=preset['w_gan'],    type=float, help='GAN loss weight in the generator loss (Alg. 1 line 12)')
-    p.add_argument('--lr',              default=preset['lr'],       type=float, help='Adam learning rate of generator and fake score, and of the head unless --lr-head (Table 5)')
-    p.add_argument('--lr-head',         default=None,               type=float, help='Adam learning rate of the discriminator head (default: --lr, Table 5); --lr2 rescales it by lr2 / lr')
-    p.add_argument('--lr2',             default=preset.get('lr2'),  type=float, help='Second-stage learning rate (ImageNet fine-tuning, Table 5); off if unset')
+    p.add_argument('--w-gan',           default=preset['w_gan'],    type=non_negative_float, help='GAN loss weight in the generator loss (Alg. 1 line 12)')
+    p.add_argument('--lr',              default=preset['lr'],       type=non_negative_float, help='Adam learning rate of generator and fake score, and of the head unless --lr-head (Table 5)')
+    p.add_argument('--lr-head',         default=None,               type=non_negative_float, help='Adam learning rate of the discriminator head (default: --lr, Table 5); --lr2 rescales it by lr2 / lr')
+    p.add_argument('--lr2',             default=preset.get('lr2'),  type=non_negative_float, help='Second-stage learning rate (ImageNet fine-tuning, Table 5); off if unset')
     p.add_argument('--lr2-at',          default=preset.get('lr2_at', 0), type=int, help='Iteration at which --lr2 takes over')
-    p.add_argument('--wd',              default=1e-2,               type=float, help='AdamW weight decay (Table 5)')
-    p.add_argument('--r1-gamma',        default=preset['r1_gamma'], type=float, help='R1 penalty weight gamma on noised real inputs (Table 5)')
+    p.add_argument('--wd',              default=1e-2,               type=non_negative_float, help='AdamW weight decay (Table 5)')
+    p.add_argument('--r1-gamma',        default=preset['r1_gamma'], type=non_negative_float, help='R1 penalty weight gamma on noised real inputs (Table 5)')
     p.add_argument('--r-min',           default=preset.get('r_min', 1e-2), type=float, help='Lower clip of the density ratio r (Alg. 1 line 6)')
     p.add_argument('--r-max',           default=preset.get('r_max', 1e2),  type=float, help='Upper clip of the density ratio r (Alg. 1 line 6)')
-    p.add_argument('--num-bins',        default=10,                 type=int,   help='Sigma bins of the stage-1 ratio normalisation (Sec. 4)')
+    p.add_argument('--num-bins',        default=10,                 type=positive_int, help='Sigma bins of the stage-1 ratio normalisation (Sec. 4)')
     p.add_argument('--disc-res',        default=preset['disc_res'], type=str,   help='Teacher feature resolutions the discriminator reads, e.g. 32,16,8 (Table 5)')
-    p.add_argument('--ema-halflife-kimg', default=0,                type=float, help='EMA half-life of the generator in kimg; 0 = off (paper setting)')
+    p.add_argument('--ema-halflife-kimg', default=0,                type=non_negative_float, help='EMA half-life of the generator in kimg; 0 = off (paper setting)')
     p.add_argument('--seed',            default=0,                  type=int,   help='Seed of all randomness (every iteration draws from seed and iteration)')
-    p.add_argument('--log-every',       default=preset.get('log_every', 50), type=int, help='Iterations between stats.jsonl lines')
-    p.add_argument('--snap-every',      default=preset.get('snap_every', 1000), type=int, help='Iterations between sample grids')
-    p.add_argument('--ckpt-every',      default=preset.get('ckpt_every', 1000), type=int, help='Iterations between checkpoints')
-    p.add_argument('--keep',            default=3,                  type=int,   help='Checkpoints kept (oldest deleted)')
-    p.add_argument('--grid',            default=64,                 type=int,   help='Images in each sample grid (fixed seeds)')
-    p.add_argument('--resume',          default=None, nargs='?', const='latest', help='Continue a run: a checkpoint file, or the latest in --outdir')
+    p.add_argument('--log-every',       default=preset.get('log_every', 50), type=positive_int, help='Iterations between stats.jsonl lines')
+    p.add_argument('--snap-every',      default=preset.get('snap_every', 1000), type=positive_int, help='Iterations between sample grids')
+    p.add_argument('--ckpt-every',      default=preset.get('ckpt_every', 1000), type=positive_int, help='Iterations between checkpoints')
+    p.add_argument('--keep',            default=3,                  type=positive_int, help='Checkpoints kept (oldest deleted)')
+    p.add_argument('--grid',            default=64,                 type=positive_int, help='Images in each sample grid (fixed seeds)')
+    p.add_argument('--resume',          default=None, nargs='?', const='latest', help='Continue a run with the same flags: a checkpoint file, or the latest intact one in --outdir')
     p.add_argument('--init-from',       default=None,               help='Warm start generator, fake score and head from another run\'s checkpoint')
     p.add_argument('--bf16',            action='store_true',        help='bf16 autocast for all network passes')
     p.add_argument('--tf32',            action='store_true',        help='Allow TF32 matmuls and convolutions on CUDA')
-    p.add_argument('--max-nan',         default=20,                 type=int,   help='Stop after this many non-finite losses in a row')
+    p.add_argument('--max-nan',         default=20,                 type=positive_int, help='Stop after this many non-finite losses in a row')
     p.add_argument('--benchmark',       default=0,                  type=int,   help='Time this many steps of each kind, write benchmark.json, exit')
     if add_task_args is not None:
         add_task_args(p)
     opts = p.parse_args(argv)
     fdistill.divergence(opts.f)     # Unknown --f: one clear error before anything runs.
-    opts.disc_res = [int(r) for r in str(opts.disc_res).split(',')]
-    if not 0 < opts.r_min < 1 < opts.r_max:
+    try:
+        opts.disc_res = [positive_int(r) for r in str(opts.disc_res).split(',')]
+    except (ValueError, argparse.ArgumentTypeError):
+        p.error(f'--disc-res {opts.disc_res}: expected resolutions separated by commas, e.g. 32,16,8')
+    if not 0 < opts.r_min < 1 < opts.r_max < math.inf:
         p.error('--r-min must lie in (0, 1) and --r-max above 1')
     opts.lr_head = opts.lr if opts.lr_head is None else opts.lr_head
     if opts.lr2 is not None and opts.lr_head != opts.lr and opts.lr <= 0:
         p.error('--lr-head with --lr2 needs --lr > 0: the head keeps the ratio lr_head / lr after --lr2-at')
     if opts.tau < 2:
         p.error('--tau must be at least 2: iterations with it % tau != 0 train the critic')
+    if opts.benchmark < 0:
+        p.error(f'--benchmark {opts.benchmark}: the number of timed steps cannot be negative')
     return opts
+
+# argparse types: a count of zero or less, or a rate that is not finite, is an error, never "the default".
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be a positive integer, got {text}')
+    return value
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be an integer >= 0, got {text}')
+    return value
+
+def non_negative_float(text):
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f'must be a finite number >= 0, got {text}')
+    return value
+
+#----------------------------------------------------------------------------
+# User errors end as one line. Our code raises ValueError, FileNotFoundError or FileExistsError (a bad flag or
+# file) and FloatingPointError (a diverged run) with a message naming the flag or file and the fix; an entry
+# point runs inside user_errors(), which prints `prog: error: message` once (rank 0) and exits with status 2,
+# as argparse does. The same exception types raised inside a library are bugs and keep their traceback.
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
+
+class UserExit(SystemExit):
+    def __init__(self, message):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+def raised_by_us(err):
+    tb = err.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.dirname(os.path.abspath(tb.tb_frame.f_code.co_filename)) == ROOT
+
+@contextlib.contextmanager
+def user_errors(prog):
+    try:
+        yield
+    except USER_ERRORS as err:
+        if not raised_by_us(err):
+            raise
+        message = f'{prog}: error: ' + ' '.join(str(err).splitlines())
+        if int(os.environ.get('RANK', 0)) == 0:
+            print(message, file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()     # torchrun stops the other ranks when one exits non-zero
+        raise UserExit(message) from None
 
 #----------------------------------------------------------------------------
 # torchrun DDP: NCCL on GPUs, gloo on CPU; plain `python script.py` runs as a world of one.
@@ -154,21 +224,44 @@ class Run:
             with open(os.path.join(self.outdir, 'stats.jsonl'), 'a') as f:
                 f.write(json.dumps(stats) + '\n')
 
-    # A killed run may have logged past its last checkpoint; a resume drops those lines.
+    # A killed run may have logged past its last checkpoint, or died while writing a line: a resume keeps
+    # the complete lines up to its checkpoint.
     def truncate_stats(self, iteration):
         path = os.path.join(self.outdir, 'stats.jsonl')
         if self.rank == 0 and os.path.isfile(path):
-            lines = [line for line in open(path) if json.loads(line)['iteration'] <= iteration]
+            lines = []
+            for line in open(path):
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if entry['iteration'] <= iteration:
+                    lines.append(line.rstrip('\n') + '\n')
             atomic_write(path, lambda f: f.write(''.join(lines).encode()))
 
     def checkpoints(self):
         return sorted(glob.glob(os.path.join(self.outdir, 'checkpoint-*.pt')))
 
+    # A run lives here if it left a checkpoint or any of its logs (a run killed before its first checkpoint).
+    def holds_run(self):
+        return bool(self.checkpoints()) or any(os.path.exists(os.path.join(self.outdir, name)) for name in RUN_FILES)
+
+    # Partial files of writes that a kill interrupted (atomic_write's <name>.tmp<pid>).
+    def remove_partial_files(self):
+        if self.rank == 0:
+            for path in glob.glob(os.path.join(self.outdir, '*.tmp*')):
+                if re.search(r'\.tmp\d+$', path):
+                    os.remove(path)
+                    self.log(f'Removed {path}, the partial file of an interrupted write')
+
+    # Every rank checks, so all stop together; rank 0 writes.
     def save_checkpoint(self, state, keep):
+        bad = non_finite(state)
+        if bad is not None:
+            raise FloatingPointError(f'{bad} is not finite at iteration {state["iteration"]}')
         if self.rank != 0:
             return
-        path = os.path.join(self.outdir, f'checkpoint-{state["iteration"]:07d}.pt')
-        atomic_write(path, lambda f: torch.save(state, f))
+        save_checkpoint(os.path.join(self.outdir, f'checkpoint-{state["iteration"]:07d}.pt'), state)
         for old in self.checkpoints()[:-keep]:
             os.remove(old)
 
@@ -196,20 +289,71 @@ def image_grid(images):
         grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
     return PIL.Image.fromarray(grid[:, :, 0] if c == 1 else grid)
 
-def load_checkpoint(path):
+#----------------------------------------------------------------------------
+# Checkpoints: one writer and one reader for everything saved (training checkpoints, evaluate.py's reads).
+# A checkpoint carries a CRC-32 of all it holds (every tensor's bytes, the repr of every other value, in order);
+# loading recomputes it, so zeroed or flipped bytes are reported, not trained on. No tensor in a checkpoint is
+# ever NaN or infinite: such weights are refused when written and when read.
+
+RUN_FILES = ('stats.jsonl', 'log.txt', 'training_options.json')
+
+def state_checksum(obj, crc=0):
+    if isinstance(obj, torch.Tensor):
+        flat = obj.detach().cpu().contiguous().reshape(-1)
+        crc = zlib.crc32(f'{flat.dtype}{tuple(obj.shape)}'.encode(), crc)
+        return zlib.crc32(flat.view(torch.uint8).numpy(), crc)
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            crc = state_checksum(value, zlib.crc32(repr(key).encode(), crc))
+        return crc
+    if isinstance(obj, (list, tuple)):
+        for value in obj:
+            crc = state_checksum(value, crc)
+        return crc
+    return zlib.crc32(repr(obj).encode(), crc)
+
+# The name of the first floating-point tensor holding a NaN or an infinity, e.g. 'generator/model.enc.0.weight'.
+def non_finite(obj, name=''):
+    if isinstance(obj, torch.Tensor):
+        return name if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        bad = non_finite(value, f'{name}/{key}' if name else str(key))
+        if bad is not None:
+            return bad
+    return None
+
+def save_checkpoint(path, state):
+    bad = non_finite(state)
+    if bad is not None:
+        raise FloatingPointError(f'Not writing {path}: {bad} is not finite')
+    state = dict(state, checksum=state_checksum(state))
+    atomic_write(path, lambda f: torch.save(state, f))
+
+def load_checkpoint(path, mmap=False):
     if not os.path.isfile(path):
         raise FileNotFoundError(f'Checkpoint not found: {path}')
-    return torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+    except Exception as err:                    # torch reports a damaged file in many ways; all mean the same here
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(f'Checkpoint {path} is truncated or corrupt ({detail})') from None
+    if not isinstance(state, dict):
+        raise ValueError(f'{path} is not a checkpoint of training_loop.py (it holds a {type(state).__name__})')
+    checksum = state.pop('checksum', None)      # None: written before checkpoints carried one
+    if checksum is not None and checksum != state_checksum(state):
+        raise ValueError(f'Checkpoint {path} fails its checksum: its bytes changed after it was written')
+    bad = non_finite(state)
+    if bad is not None:
+        raise ValueError(f'Checkpoint {path}: {bad} is not finite')
+    return state
 
 #----------------------------------------------------------------------------
 # The loop.
 
-def training_loop(opts, task, rank, world, device):
+def training_loop(opts, task, rank, world, device, resumed=None):
     run = Run(opts.outdir, rank)
-    batch_gpu = opts.batch_gpu or opts.batch // world
-    rounds = opts.batch // (world * batch_gpu)
-    if rounds * world * batch_gpu != opts.batch:
-        raise ValueError(f'--batch {opts.batch} must be a multiple of GPUs ({world}) x --batch-gpu ({batch_gpu})')
+    batch_gpu, rounds = batch_split(opts, world)
     div = fdistill.divergence(opts.f)
     levels = task.sigma_levels.to(device)
     edges = fdistill.sigma_bin_edges(levels, opts.num_bins)
@@ -217,30 +361,29 @@ def training_loop(opts, task, rank, world, device):
     ema = copy.deepcopy(generator).eval().requires_grad_(False) if opts.ema_halflife_kimg > 0 else None
     opt_g = torch.optim.AdamW(generator.parameters(), lr=opts.lr, weight_decay=opts.wd)
     opt_c = torch.optim.AdamW([dict(params=fake_score.parameters()), dict(params=head.parameters(), lr=opts.lr_head)], lr=opts.lr, weight_decay=opts.wd)
-    start, nan_total = 0, 0
+    start, nan_total, last_ckpt = 0, 0, None
 
     # Resume exactly, or warm start from another run.
-    if run.checkpoints() and not opts.resume and not opts.benchmark:
-        raise FileExistsError(f'{opts.outdir} already holds a run: pass --resume to continue it, or a new --outdir')
-    if opts.resume:
-        path = opts.resume if opts.resume != 'latest' else (run.checkpoints() or [None])[-1]
-        if path is None:
-            raise FileNotFoundError(f'--resume: no checkpoint-*.pt in {opts.outdir}')
-        state = load_checkpoint(path)
+    path, state = resumed if resumed is not None else start_state(opts, run)
+    if opts.resume and state is not None:
         load_networks(state, generator, fake_score, head)
         opt_g.load_state_dict(state['opt_g'])
         opt_c.load_state_dict(state['opt_c'])
         if ema is not None:
             unwrap_net(ema).load_state_dict(state['generator_ema'])
-        start, nan_total = state['iteration'], state['nan_total']
-        run.truncate_stats(start)
+        start, nan_total, last_ckpt = state['iteration'], state['nan_total'], path
         run.log(f'Resumed from {path} at iteration {start}')
-    elif opts.init_from:
-        state = load_checkpoint(opts.init_from)
+    elif opts.resume:
+        run.log(f'No checkpoint in {opts.outdir} yet: the run starts over from iteration 0')
+    if opts.resume:
+        run.truncate_stats(start)
+    elif state is not None:
         load_networks(state, generator, fake_score, head)
         if ema is not None:
             unwrap_net(ema).load_state_dict(state['generator'])
-        run.log(f'Warm start from {opts.init_from} (iteration {state["iteration"]} of that run)')
+        run.log(f'Warm start from {path} (iteration {state["iteration"]} of that run)')
+    if not opts.benchmark:
+        run.remove_partial_files()
 
     # DDP. The critic step sees the fake score and head through DDP; the generator step sees the
     # generator through DDP and calls the head's plain module with its parameters frozen.
@@ -349,7 +492,7 @@ def training_loop(opts, task, rank, world, device):
         run.log(f'f-distill with {div.name} (--f {opts.f}): {opts.iterations} iterations, batch {opts.batch} = {world} x {batch_gpu} x {rounds} rounds')
         grid(0)
     t_start, t_log, it_log = time.time(), time.time(), start
-    window, nan_run, last_ckpt = [], 0, (run.checkpoints() or [None])[-1]
+    window, nan_run = [], 0
     for it in range(start, opts.iterations):
         set_lr(it)
         if it % opts.tau == 0:                                                              # Alg. 1 line 5
@@ -364,8 +507,8 @@ def training_loop(opts, task, rank, world, device):
         nan_total += not ok
         nan_run = 0 if ok else nan_run + 1
         if nan_run >= opts.max_nan:
-            raise RuntimeError(f'{nan_run} non-finite losses in a row at iteration {it}; stopping. '
-                               f'Last good checkpoint: {last_ckpt}. Try a lower --lr or --r-max, or without --bf16.')
+            raise FloatingPointError(f'{nan_run} non-finite losses in a row at iteration {it}; stopping. '
+                                     f'Last good checkpoint: {last_ckpt or "none yet"}. Try a lower --lr or --r-max, or without --bf16.')
         window += stats
         done = it + 1
         if done % opts.log_every == 0 or done == opts.iterations:
@@ -383,9 +526,67 @@ def training_loop(opts, task, rank, world, device):
         if done % opts.snap_every == 0 or done == opts.iterations:
             grid(done)
         if done % opts.ckpt_every == 0 or done == opts.iterations:
-            run.save_checkpoint(checkpoint_state(done), opts.keep)
+            try:
+                run.save_checkpoint(checkpoint_state(done), opts.keep)
+            except FloatingPointError as err:
+                raise FloatingPointError(f'{err}; stopping. Last good checkpoint: {last_ckpt or "none yet"}. Try a lower --lr or --r-max, or without --bf16.') from None
             last_ckpt = os.path.join(opts.outdir, f'checkpoint-{done:07d}.pt')
     run.log(f'Done: {opts.iterations - start} iterations in {(time.time() - t_start) / 3600:.2f} h, {nan_total} skipped steps')
+
+# Samples per GPU per round, and accumulation rounds.
+def batch_split(opts, world):
+    if opts.batch % world:
+        raise ValueError(f'--batch {opts.batch} must be a multiple of the number of GPUs ({world})')
+    batch_gpu = opts.batch_gpu or opts.batch // world
+    rounds = opts.batch // (world * batch_gpu)
+    if rounds * world * batch_gpu != opts.batch:
+        raise ValueError(f'--batch {opts.batch} must be a multiple of GPUs ({world}) x --batch-gpu ({batch_gpu})')
+    return batch_gpu, rounds
+
+# Where a run starts, checked before any network is built: (checkpoint, its state) to resume or warm start from,
+# or (None, None). Nothing in --outdir is overwritten by a new run.
+def start_state(opts, run):
+    if opts.benchmark:
+        return None, None
+    if run.holds_run() and not opts.resume:
+        raise FileExistsError(f'{opts.outdir} already holds a run: pass --resume to continue it, or a new --outdir')
+    if opts.resume:
+        return resume_checkpoint(opts, run)
+    if opts.init_from:
+        return opts.init_from, load_checkpoint(opts.init_from)
+    return None, None
+
+# The checkpoint --resume continues from: a named file must be intact; the latest in --outdir that is intact,
+# each damaged newer one reported in the log; (None, None) for a run killed before its first checkpoint.
+# Exact resume needs the recipe the checkpoint was trained with.
+RECIPE = ('f', 'seed', 'batch', 'tau', 'w_gan', 'lr', 'lr_head', 'lr2', 'lr2_at', 'wd', 'r1_gamma', 'r_min', 'r_max', 'num_bins',
+          'disc_res', 'ema_halflife_kimg', 'sigma_init', 'reg_weight', 'cfg', 'resolution', 'sigma_data')
+
+def resume_checkpoint(opts, run):
+    if opts.resume != 'latest':
+        path, state = opts.resume, load_checkpoint(opts.resume)
+    else:
+        found = run.checkpoints()
+        if not found and not run.holds_run():
+            raise FileNotFoundError(f'--resume: no run in {opts.outdir} (no checkpoint-*.pt, no stats.jsonl); check --outdir')
+        path = state = None
+        for candidate in reversed(found):
+            try:
+                path, state = candidate, load_checkpoint(candidate)
+                break
+            except ValueError as err:
+                run.log(f'Cannot resume from {candidate}: {err}; trying the one before')
+        if found and state is None:
+            raise ValueError(f'--resume: none of the {len(found)} checkpoints in {opts.outdir} is intact; pass --resume FILE or start a new --outdir')
+    if state is None:
+        return None, None
+    changed = [k for k in RECIPE if k in state['options'] and getattr(opts, k, None) != state['options'][k]]
+    if changed:
+        flags = ' '.join(f'--{k.replace("_", "-")} {state["options"][k] if not isinstance(state["options"][k], list) else ",".join(map(str, state["options"][k]))}' for k in changed)
+        raise ValueError(f'--resume: {path} was trained with {flags}; pass the same flags to continue it exactly, or --init-from it in a new --outdir')
+    if state['iteration'] >= opts.iterations:
+        raise ValueError(f'--resume: {path} is at iteration {state["iteration"]}, and --iterations is {opts.iterations}: pass a larger --iterations to train on')
+    return path, state
 
 #----------------------------------------------------------------------------
 # A script's whole run: processes, precision flags, the task's networks and data, the loop.
@@ -393,9 +594,12 @@ def training_loop(opts, task, rank, world, device):
 def main(opts, build_task):
     rank, world, device = init_distributed()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = opts.tf32
+    batch_split(opts, world)
+    resumed = start_state(opts, Run(opts.outdir, rank))
+    barrier()                                   # every rank has checked --outdir before rank 0 writes to it
     torch.manual_seed(opts.seed)                # The head's initial weights.
     task = build_task(opts, device, rank, world)
-    training_loop(opts, task, rank, world, device)
+    training_loop(opts, task, rank, world, device, resumed)
     close_distributed()
 
 #----------------------------------------------------------------------------

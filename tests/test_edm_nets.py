@@ -261,7 +261,9 @@ def test_sampler_18_steps_shapes_nfe_and_per_seed_determinism():
     batch, calls = sample(seeds)
     assert batch.shape == (3, 3, 8, 8) and torch.isfinite(batch).all() and calls == 35
     alone, _ = sample([7])
-    assert torch.allclose(alone[0], batch[1], atol=1e-6)
+    # Batch 1 and batch 3 run other float32 conv blockings: each of the 35 calls may differ by a few ulp of |x| ~ 1,
+    # carried to the output by the ODE; another seed's image differs by O(1).
+    assert torch.allclose(alone[0], batch[1], atol=1e-5, rtol=0)
     assert not torch.allclose(batch[0], batch[1])
 
 def test_imagenet_preset_is_edm_stochastic_sampler():
@@ -313,7 +315,7 @@ def test_hostile_reducer_is_refused_and_nothing_runs(kind, tmp_path):
     path = tmp_path / 'evil.pkl'
     path.write_bytes(pickle.dumps(dict(ema=payload)))
     refused = f'{os.system.__module__}.system' if kind == 'os.system' else 'builtins.eval'
-    with pytest.raises(pickle.UnpicklingError, match=refused.replace('.', r'\.')):
+    with pytest.raises(ValueError, match=refused.replace('.', r'\.')):
         edm_nets.load_edm_pickle(str(path))
     assert not marker.exists()
 
@@ -322,7 +324,7 @@ def test_hostile_storage_bytes_are_not_run(tmp_path):
     inner = pickle.dumps(Evil(os.system, f'touch {marker}'))
     path = tmp_path / 'evil.pkl'
     path.write_bytes(pickle.dumps(dict(ema=Evil(torch.storage._load_from_bytes, inner))))
-    with pytest.raises(pickle.UnpicklingError, match='not plain tensor data'):
+    with pytest.raises(ValueError, match="not plain tensor data"):
         edm_nets.load_edm_pickle(str(path))
     assert not marker.exists()
 

@@ -13,6 +13,7 @@ import edm_nets
 import evaluate
 import fdistill
 import fixtures
+import training_loop
 
 #----------------------------------------------------------------------------
 # Frechet distance against independent truths.
@@ -154,10 +155,9 @@ def test_detector_statistics_and_ref_command(tmp_path):
     np.testing.assert_allclose(ref['mu'], expected.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ref['sigma'], np.cov(expected, rowvar=False), rtol=1e-4, atol=1e-7)
 
-def test_fid_command_on_its_own_reference(tmp_path, monkeypatch):
+def test_fid_command_on_its_own_reference(tmp_path):
     # The same folder as "generated" images against its own reference: FID 0, precision = recall = 1.
     # A 32-d detector here: scipy's sqrtm of a 2048 x 2048 matrix alone takes minutes on 2 CPU cores.
-    monkeypatch.setattr(evaluate, 'FEATURE_DIM', 32)
     path = str(tmp_path / 'detector.pt')
     torch.jit.script(TinyDetector(32)).save(path)
     write_pngs(str(tmp_path / 'data'), 12)
@@ -173,6 +173,10 @@ def test_fid_command_on_its_own_reference(tmp_path, monkeypatch):
     chosen = ref['features'][evaluate.select_images(str(tmp_path / 'data'), 6, seed=1)].astype(np.float64)
     expected = evaluate.frechet_distance(chosen.mean(0), np.cov(chosen, rowvar=False), ref['mu'], ref['sigma'])
     assert result['fid'] == pytest.approx(expected, rel=1e-4) and result['fid'] > 0.01
+    # The feature size comes from the detector: a 16-d one against this 32-d reference is one clear error.
+    torch.jit.script(TinyDetector(16)).save(str(tmp_path / 'other.pt'))
+    with pytest.raises(SystemExit, match='holds 32-d features but --detector ".*other.pt" gives 16-d ones: build the reference with the same detector'):
+        evaluate.main(['fid', '--images', str(tmp_path / 'data'), '--num-images', '12', '--ref', str(tmp_path / 'ref.npz'), '--detector', str(tmp_path / 'other.pt')])
 
 def test_missing_inputs_fail_with_one_line(tmp_path):
     with pytest.raises(SystemExit, match='download it yourself'):
@@ -250,9 +254,8 @@ def test_stochastic_teacher_sampler_image_regenerates_alone(tmp_path):
     evaluate.main(['generate', *common, '--outdir', str(tmp_path / 'alone'), '--seeds', '2', '--batch', '1'])
     assert np.array_equal(read_png(tmp_path / 'batch', 2), read_png(tmp_path / 'alone', 2))
 
-def test_fid_of_run_equals_fid_of_its_written_images(tmp_path, monkeypatch):
+def test_fid_of_run_equals_fid_of_its_written_images(tmp_path):
     # Generating straight into the detector and going through lossless PNGs (EDM's route) agree.
-    monkeypatch.setattr(evaluate, 'FEATURE_DIM', 32)
     nets = write_run(tmp_path)
     detector = str(tmp_path / 'detector.pt')
     torch.jit.script(TinyDetector(32)).save(detector)
@@ -415,11 +418,13 @@ def test_t2i_sd_teacher_ddim_regenerates_alone_and_by_hand(t2i, tmp_path):
     x0 = sd_unet.ddim_sample(sd['unet'], z, ctx, uncond, num_steps=3, cfg=2.0)
     assert same_image(image, expected_png(sd, x0))
 
-def test_t2i_clip_and_fid_go_through_the_generic_paths(t2i, tmp_path, monkeypatch):
+def test_t2i_clip_and_fid_go_through_the_generic_paths(t2i, tmp_path):
     # The same seeds scored on the fly and from the written zip (with its captions.txt) give the same numbers.
+    # Both make the images in batches of 2 (another batch size may flip a uint8 level, see same_image) and score
+    # them in batches of 2: the same CLIP calls on the same pixels, so only the float64 mean's order could differ.
     write_tiny_clip(str(tmp_path / 'clip'))
     common = ['--ckpt', t2i['run'], '--captions', t2i['prompts']]
-    evaluate.main(['generate', *common, '--outdir', str(tmp_path / 'gen.zip'), '--seeds', '0-4'])
+    evaluate.main(['generate', *common, '--outdir', str(tmp_path / 'gen.zip'), '--seeds', '0-4', '--batch', '2'])
     clip = ['clip', '--clip-model', str(tmp_path / 'clip'), '--batch', '2']
     evaluate.main([*clip, *common, '--seeds', '0-4', '--report', str(tmp_path / 'live.json')])
     evaluate.main([*clip, '--images', str(tmp_path / 'gen.zip'), '--report', str(tmp_path / 'zip.json')])
@@ -427,7 +432,6 @@ def test_t2i_clip_and_fid_go_through_the_generic_paths(t2i, tmp_path, monkeypatc
     assert live['num'] == written['num'] == 5 and live['sampler'] == 'one-step' and live['resolution'] == 16
     assert live['clip_score'] == pytest.approx(written['clip_score'], abs=1e-6) and abs(live['clip_score']) > 1e-3
     # FID: --num-images defaults to one image per caption (3 here), seeds 0-2.
-    monkeypatch.setattr(evaluate, 'FEATURE_DIM', 32)
     detector = str(tmp_path / 'detector.pt')
     torch.jit.script(TinyDetector(32)).save(detector)
     fid = ['fid', '--ref', str(t2i['dir'] / 'images'), '--detector', detector, '--no-pr']
@@ -450,9 +454,9 @@ def test_t2i_missing_inputs_fail_with_one_line_before_sampling(t2i, tmp_path, mo
         raise AssertionError('inputs must be checked before any network is loaded')
     monkeypatch.setattr(evaluate, 'init_distributed', no_sampling)
     out = ['--outdir', str(tmp_path / 'out')]
-    moved = torch.load(os.path.join(t2i['run'], 'checkpoint-0000001.pt'), map_location='cpu', weights_only=True)
+    moved = training_loop.load_checkpoint(os.path.join(t2i['run'], 'checkpoint-0000001.pt'))
     moved['sd'] = str(tmp_path / 'gone')                                  # trained on another machine
-    torch.save(moved, str(tmp_path / 'checkpoint-0000001.pt'))
+    training_loop.save_checkpoint(str(tmp_path / 'checkpoint-0000001.pt'), moved)
     cases = [(['--ckpt', t2i['run'], '--sd', str(tmp_path / 'nosd'), '--captions', t2i['prompts']], 'nosd/unet/config.json not found; a diffusers-format'),
              (['--ckpt', str(tmp_path / 'checkpoint-0000001.pt'), '--captions', t2i['prompts']], 'pass --sd FOLDER'),
              (['--ckpt', t2i['run'], '--captions', str(tmp_path / 'none.txt')], 'Captions file'),

@@ -319,9 +319,12 @@ def test_ddp_weights_match_one_process(tmp_path):
     ranks = [torch.load(tmp_path / f'rank{rank}.pt', weights_only=True) for rank in range(2)]
     div = fdistill.divergence('fkl')
     h_bar, stats = fdistill.weights(batch['logits'], batch['sigma'], div, R_MIN, R_MAX, batch['edges'])
+    # h_bar: float64 bin and batch sums, rounded to float32 twice, so a few ulp (1.2e-7 each) apart at most.
     torch.testing.assert_close(torch.cat([out['h_bar'] for out in ranks]), h_bar, rtol=1e-6, atol=0)
+    # The diagnostics sum r and h_bar in float32 before the float64 all-reduce: 256 positive terms in another
+    # order differ by at most 255 * 6e-8 = 1.5e-5 relative.
     for out in ranks:
-        assert out['stats'] == pytest.approx(stats, rel=1e-6)
+        assert out['stats'] == pytest.approx(stats, rel=3e-5)
     h_local, _ = fdistill.weights(batch['logits'][:128], batch['sigma'][:128], div, R_MIN, R_MAX, batch['edges'])
     assert (h_local - h_bar[:128]).abs().max() > 0.05, 'halves too alike: a missing all-reduce would go unnoticed'
 

@@ -3,8 +3,11 @@ format, a synthetic dataset zip, torchrun with gloo."""
 
 import json
 import os
+import struct
 import subprocess
 import sys
+import time
+import zipfile
 
 import pytest
 import torch
@@ -53,15 +56,39 @@ def straight(files, tmp_path_factory):
     train(files, out, '--iterations', '7', '--ema-halflife-kimg', '0.01')
     return out
 
+# Equivalence of process counts and accumulation rounds is a statement about gradients: Adam moves every weight by
+# about lr whatever the size of its gradient, so a float32 rounding difference in a near-zero gradient flips its
+# sign and moves that weight by 2 lr. With --lr 0 no weight moves, every gradient is taken at the teacher's
+# weights, and the checkpoint's Adam moments (exp_avg = sum of 0.1 * 0.9^k * g, exp_avg_sq likewise of g^2) are
+# fixed sums of the gradients of all steps so far.
+def adam_moments(ckpt):
+    return {f'{opt}/{i}/{name}': value for opt in ('opt_g', 'opt_c') for i, state in ckpt[opt]['state'].items()
+            for name, value in state.items() if name != 'step'}
+
+# Each gradient element is a float32 reduction over the batch and the pixels (<= ~10^4 terms), summed in another
+# order when split over processes or rounds: its error is ~sqrt(n) * 6e-8 of the largest terms, well below
+# 1e-4 of the largest element of its tensor; a wrong reduction (a missing rank, a mean over the wrong batch) is O(1).
+def assert_same_gradients(a, b):
+    a, b = adam_moments(a), adam_moments(b)
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4 * a[k].abs().max().item(), rtol=0, msg=lambda m: f'{k}: {m}')
+
+@pytest.fixture(scope='module')
+def frozen(files, tmp_path_factory):
+    out = tmp_path_factory.mktemp('frozen')
+    train(files, out, '--iterations', '3', '--lr', '0')
+    return out
+
 #----------------------------------------------------------------------------
 
-def test_torchrun_two_processes_end_to_end_and_equal_to_one_process(files, straight, tmp_path):
+def test_torchrun_two_processes_end_to_end_and_equal_to_one_process(files, frozen, tmp_path):
     out = tmp_path / 'run'
-    result = train(files, out, '--iterations', '6', '--ema-halflife-kimg', '0.01', nproc=2)
+    result = train(files, out, '--iterations', '3', '--lr', '0', '--ema-halflife-kimg', '0.01', nproc=2)
     assert 'f-distill with forward-KL' in result.stdout
-    assert {'training_options.json', 'stats.jsonl', 'log.txt', 'grid-0000000.png', 'grid-0000006.png', 'checkpoint-0000006.pt'} <= set(os.listdir(out))
+    assert {'training_options.json', 'stats.jsonl', 'log.txt', 'grid-0000000.png', 'grid-0000003.png', 'checkpoint-0000003.pt'} <= set(os.listdir(out))
     stats = [json.loads(line) for line in open(out / 'stats.jsonl')]
-    assert [s['iteration'] for s in stats] == list(range(1, 7))
+    assert [s['iteration'] for s in stats] == list(range(1, 4))
     for s in stats:
         for k, v in s.items():
             assert v == v and abs(v) != float('inf'), f'{k} not finite at iteration {s["iteration"]}'
@@ -69,15 +96,13 @@ def test_torchrun_two_processes_end_to_end_and_equal_to_one_process(files, strai
     assert 0 < stats[0]['h_ess'] <= 1 and abs(stats[0]['h_mean'] - 1) < 1e-5
     options = json.load(open(out / 'training_options.json'))
     assert options['world_size'] == 2 and options['batch_gpu'] == 4
-    a, b = load(straight, 6), load(out, 6)
-    assert b['iteration'] == 6 and b['options']['f'] == 'fkl' and b['generator_kwargs']['model_type'] == 'SongUNet'
-    # Same global batch on 1 and 2 processes: same parameters. Adam turns fp rounding of tiny gradients
-    # into differences up to ~lr per step; a normalisation over the local batch differs by far more.
-    for key in ('generator', 'generator_ema', 'fake_score', 'head'):
-        assert_same(a[key], b[key], atol=1e-4)
+    a, b = load(frozen, 3), load(out, 3)
+    assert b['iteration'] == 3 and b['options']['f'] == 'fkl' and b['generator_kwargs']['model_type'] == 'SongUNet'
+    # Same global batch on 1 and 2 processes (f-distill's weights normalised over both): same gradients.
+    assert_same_gradients(a, b)
     # Per-sigma-bin diagnostics are all-reduced: the 2-process log equals the 1-process one (iteration 0 is a
     # generator step, h_bar spread; iteration 1 a critic step, accuracy, from the same initial head).
-    one = [json.loads(line) for line in open(straight / 'stats.jsonl')]
+    one = [json.loads(line) for line in open(frozen / 'stats.jsonl')]
     bins = lambda s, prefix: {k: v for k, v in s.items() if k.startswith(prefix)}
     assert bins(stats[0], 'h_std_bin') == pytest.approx(bins(one[0], 'h_std_bin'), rel=1e-4, abs=1e-6) and bins(one[0], 'h_std_bin')
     assert bins(stats[1], 'disc_acc') == pytest.approx(bins(one[1], 'disc_acc'), abs=1e-9) and len(bins(one[1], 'disc_acc_bin')) > 1
@@ -92,18 +117,44 @@ def test_lr_head_sets_the_head_step_and_follows_lr2(files, tmp_path):
     stats = [json.loads(line) for line in open(tmp_path / 'stats.jsonl')]
     assert [v for s in stats for v in (s['lr'], s['lr_head'])] == pytest.approx([1e-3, 1e-2, 1e-3, 1e-2, 1e-4, 1e-3])  # --lr2 keeps the ratio
 
-def test_resume_equals_straight_run(files, straight, tmp_path):
+# A kill leaves damage behind: zero 4 KB of one tensor's bytes in the middle of a checkpoint.
+def zero_tensor_bytes(path, n=4096):
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if '/data/' in i.filename), key=lambda i: i.file_size)     # a tensor's storage
+    with open(path, 'r+b') as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack('<HH', f.read(4))
+        f.seek(info.header_offset + 30 + name_len + extra_len + (info.file_size - n) // 2)
+        f.write(bytes(n))
+
+def test_resume_equals_straight_run_past_damaged_checkpoints(files, straight, tmp_path):
+    import train_cifar, train_edm, training_loop
     train(files, tmp_path, '--iterations', '4', '--ema-halflife-kimg', '0.01')
-    for it in (3, 4):                   # Killed after logging iteration 4 but before checkpointing 3 and 4.
-        os.remove(tmp_path / f'checkpoint-{it:07d}.pt')
+    ckpt = lambda it: tmp_path / f'checkpoint-{it:07d}.pt'
+    zero_tensor_bytes(ckpt(4))                              # silent corruption: only the checksum sees it
+    ckpt(3).write_bytes(ckpt(3).read_bytes()[:ckpt(3).stat().st_size // 2])        # truncated
+    (tmp_path / 'checkpoint-0000005.pt.tmp4242').write_bytes(b'partial')         # a write cut short by a kill
+    with open(tmp_path / 'stats.jsonl', 'a') as f:
+        f.write('{"iteration": 5, "kimg": 0.')                                    # a stats line cut short
+    opts = lambda *args: training_loop.parse_args('test', train_cifar.PRESET, train_edm.add_edm_args,
+        ['--outdir', str(tmp_path), '--batch', '8', '--disc-res', '8,4', '--lr', '1e-3', '--ema-halflife-kimg', '0.01', *args])
+    run = training_loop.Run(str(tmp_path), 0)
+    with pytest.raises(ValueError, match='fails its checksum'):            # named explicitly: refused
+        training_loop.start_state(opts('--iterations', '7', '--resume', str(ckpt(4))), run)
+    with pytest.raises(ValueError, match=r'trained with --f fkl --seed 0; pass the same flags'):
+        training_loop.start_state(opts('--iterations', '7', '--resume', '--f', 'rkl', '--seed', '1'), run)
+    with pytest.raises(ValueError, match=r'is at iteration 2, and --iterations is 2: pass a larger --iterations'):
+        training_loop.start_state(opts('--iterations', '2', '--resume'), run)
     train(files, tmp_path, '--iterations', '7', '--ema-halflife-kimg', '0.01', '--resume')
     a, b = load(straight, 7), load(tmp_path, 7)
     for key in ('generator', 'generator_ema', 'fake_score', 'head'):
-        assert_same(a[key], b[key], atol=0)
-    assert 'Resumed from' in open(tmp_path / 'log.txt').read()
+        assert_same(a[key], b[key], atol=0)                 # same machine, same process count: bitwise
+    log = open(tmp_path / 'log.txt').read()
+    assert f'Cannot resume from {ckpt(4)}: Checkpoint {ckpt(4)} fails its checksum' in log
+    assert f'Cannot resume from {ckpt(3)}: Checkpoint {ckpt(3)} is truncated or corrupt' in log
+    assert f'Resumed from {ckpt(2)} at iteration 2' in log
+    assert not (tmp_path / 'checkpoint-0000005.pt.tmp4242').exists()
     assert [json.loads(line)['iteration'] for line in open(tmp_path / 'stats.jsonl')] == list(range(1, 8))
-    again = train(files, tmp_path, '--iterations', '8', check=False)     # no --resume: refuse to overwrite
-    assert 'already holds a run' in again.stderr.strip().splitlines()[-1]
 
 def test_schedule_follows_algorithm1(files, straight):
     # tau = 5: iterations 0 and 5 update only the generator; 1-4 and 6 only the fake score and the head.
@@ -134,20 +185,37 @@ def test_warm_start_loads_networks_not_iteration(files, straight, tmp_path):
         assert_same(a[key], b[key], atol=0)
     assert b['iteration'] == 2
 
-def test_non_finite_losses_are_skipped_then_stop_the_run(files, tmp_path):
+def in_process_task(files, outdir, *args):
     import train_cifar, train_edm, training_loop
     opts = training_loop.parse_args('test', train_cifar.PRESET, train_edm.add_edm_args, [
-        '--teacher', str(files / 'teacher.pkl'), '--data', str(files / 'data.zip'), '--outdir', str(tmp_path),
-        '--batch', '8', '--disc-res', '8', '--grid', '4', '--iterations', '10', '--ckpt-every', '1', '--log-every', '1', '--max-nan', '3'])
-    task = train_edm.build_task(opts, train_cifar.PRESET, torch.device('cpu'), 0, 1)
+        '--teacher', str(files / 'teacher.pkl'), '--data', str(files / 'data.zip'), '--outdir', str(outdir),
+        '--batch', '8', '--disc-res', '8', '--grid', '4', '--ckpt-every', '1', '--log-every', '1', *args])
+    return opts, train_edm.build_task(opts, train_cifar.PRESET, torch.device('cpu'), 0, 1)
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(files, tmp_path):
+    import training_loop
+    opts, task = in_process_task(files, tmp_path, '--iterations', '10', '--max-nan', '3')
     task.real = lambda indices: torch.full((len(indices), 3, 8, 8), float('nan'))     # every critic loss NaN
-    with pytest.raises(RuntimeError, match='3 non-finite losses in a row at iteration 3'):
+    with pytest.raises(FloatingPointError, match=f'3 non-finite losses in a row at iteration 3; stopping. Last good checkpoint: {tmp_path / "checkpoint-0000003.pt"}'):
         training_loop.training_loop(opts, task, 0, 1, torch.device('cpu'))
     stats = [json.loads(line) for line in open(tmp_path / 'stats.jsonl')]
     assert [s['nan_total'] for s in stats] == [0, 1, 2]
     last = load(tmp_path, 3)                            # Skipped steps leave the networks as they were.
     assert_same(load(tmp_path, 1)['fake_score'], last['fake_score'], atol=0)
     assert all(torch.isfinite(v).all() for v in last['generator'].values())
+
+def test_non_finite_weights_are_never_checkpointed(files, tmp_path):
+    # A finite loss can still make non-finite weights (here an infinite learning rate past the flag check).
+    import training_loop
+    opts, task = in_process_task(files, tmp_path, '--iterations', '3')
+    opts.lr = float('inf')
+    with pytest.raises(FloatingPointError, match=r'generator/.* is not finite at iteration 1; stopping. Last good checkpoint: none yet'):
+        training_loop.training_loop(opts, task, 0, 1, torch.device('cpu'))
+    assert not list(tmp_path.glob('checkpoint-*'))
+
+def test_disc_res_missing_from_the_teacher_names_the_flag(files, tmp_path):
+    with pytest.raises(ValueError, match=r'--disc-res 32: No encoder level at 32x32; this network has levels \[8, 4\]; pass --disc-res with some of those'):
+        in_process_task(files, tmp_path, '--disc-res', '32')
 
 def test_lpips_regression_pairs_and_loss(files, tmp_path):
     import torchvision
@@ -167,25 +235,53 @@ def test_lpips_regression_pairs_and_loss(files, tmp_path):
     missing = train(files, tmp_path / 'run2', '--iterations', '1', '--reg-weight', '0.25', check=False)
     assert '--lpips-vgg' in missing.stderr.strip().splitlines()[-1]
 
-def test_gradient_accumulation_rounds_match_one_round(files, tmp_path):
+def test_gradient_accumulation_rounds_match_one_round_after_kill_before_first_checkpoint(files, tmp_path):
     # --batch-gpu 4 with batch 8: two accumulation rounds. Normalisation is per round, so the reverse-KL
-    # run (h = 1) must match one round exactly; f-distill weights would differ slightly.
-    train(files, tmp_path / 'one', '--iterations', '2', '--f', 'rkl')
-    train(files, tmp_path / 'acc', '--iterations', '2', '--f', 'rkl', '--batch-gpu', '4')
-    for key in ('generator', 'fake_score', 'head'):
-        assert_same(load(tmp_path / 'one', 2)[key], load(tmp_path / 'acc', 2)[key], atol=1e-4)
+    # run (h = 1) must match one round; f-distill weights would differ slightly.
+    train(files, tmp_path / 'one', '--iterations', '3', '--f', 'rkl', '--lr', '0')
+    # The accumulating run is first killed (kill -9) after it logged two iterations, before its first checkpoint;
+    # --resume then starts it over, and its stats.jsonl holds each iteration once.
+    acc = ['--f', 'rkl', '--lr', '0', '--batch-gpu', '4']
+    cmd = [sys.executable, 'train_cifar.py', '--teacher', str(files / 'teacher.pkl'), '--data', str(files / 'data.zip'),
+           '--outdir', str(tmp_path / 'acc'), '--batch', '8', '--disc-res', '8,4', '--grid', '4', '--log-every', '1',
+           '--snap-every', '1000', '--ckpt-every', '1000', '--iterations', '1000', *acc]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stats = tmp_path / 'acc' / 'stats.jsonl'
+    try:
+        deadline = time.time() + 300
+        while not (stats.exists() and len(stats.read_text().splitlines()) >= 2) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not list((tmp_path / 'acc').glob('checkpoint-*.pt'))
+    again = train(files, tmp_path / 'acc', '--iterations', '3', *acc, check=False)
+    assert 'already holds a run' in again.stderr.strip().splitlines()[-1]         # without --resume: refused
+    train(files, tmp_path / 'acc', '--iterations', '3', *acc, '--resume')
+    assert 'starts over from iteration 0' in open(tmp_path / 'acc' / 'log.txt').read()
+    assert [json.loads(line)['iteration'] for line in open(stats)] == [1, 2, 3]
+    assert_same_gradients(load(tmp_path / 'one', 3), load(tmp_path / 'acc', 3))
 
-@pytest.mark.parametrize('case', ['unknown_f', 'missing_teacher', 'missing_data', 'resolution_mismatch'])
+@pytest.mark.parametrize('case', ['unknown_f', 'missing_teacher', 'truncated_teacher', 'missing_data', 'resolution_mismatch'])
 def test_bad_input_fails_before_training(files, tmp_path, case):
-    args = dict(unknown_f=['--f', 'kl2'], missing_teacher=['--teacher', str(tmp_path / 'nope.pkl')],
+    truncated = tmp_path / 'truncated.pkl'
+    truncated.write_bytes((files / 'teacher.pkl').read_bytes()[:5000])
+    args = dict(unknown_f=['--f', 'kl2'], missing_teacher=['--teacher', str(tmp_path / 'nope.pkl')], truncated_teacher=['--teacher', str(truncated)],
                 missing_data=['--data', str(tmp_path / 'nope.zip')], resolution_mismatch=['--data', str(files / 'data16.zip')])[case]
     result = train(files, tmp_path / 'run', '--iterations', '2', *args, check=False)
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    expect = dict(unknown_f='Unknown divergence "kl2"', missing_teacher='nope.pkl', missing_data='nope.zip',
-                  resolution_mismatch='3x16x16 images; the teacher wants 3x8x8')[case]
-    assert expect in last, last
+    expect = dict(unknown_f='Unknown divergence "kl2"', missing_teacher='nope.pkl', truncated_teacher='truncated.pkl is not a readable EDM network pickle: truncated or corrupt',
+                  missing_data='nope.zip', resolution_mismatch='3x16x16 images; the teacher wants 3x8x8')[case]
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr     # one line, no traceback
+    assert result.stderr.startswith('train_cifar.py: error: ') and expect in result.stderr, result.stderr
     assert not os.path.exists(tmp_path / 'run' / 'stats.jsonl')
+
+def test_torchrun_user_error_is_one_line_and_every_rank_exits(files, tmp_path):
+    result = train(files, tmp_path / 'run', '--iterations', '2', '--data', str(tmp_path / 'nope.zip'), nproc=2, check=False)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if 'error: Dataset not found' in line]
+    assert errors == [f'train_cifar.py: error: Dataset not found: {tmp_path / "nope.zip"} (pass a zip or folder of PNGs made by EDM\'s dataset_tool.py)'], result.stderr[-2000:]
+    assert f'File "{ROOT}' not in result.stderr          # no traceback from our code (torchrun's launcher prints its own)
 
 def test_plot_draws_the_logged_values(straight, tmp_path):
     import shutil
