@@ -4,10 +4,11 @@ Xu, Nie, Vahdat, "One-step Diffusion Models with f-Divergence Distribution Match
   f_and_h.png        |f'(r)| and h(r) of the six divergences (Fig. 3).
   variance.png       normalised variance of h for two unit Gaussians as their means part (Fig. 4a).
   score_weight.png   score difference and forward-KL's h over the plane (Fig. 2).
-  mode_coverage.png  the full Algorithm 1 from a skewed start (Fig. 8), for all six divergences.
-  results.json, results.md  the numbers behind the figures.
+  fig8.png           the skewed start, and where reverse-KL, JS and forward-KL take it, with h over the plane (Fig. 8).
+  mode_coverage.png  the full Algorithm 1 from a skewed start, all six divergences, one row per setting.
+  results.json, results.md  the numbers behind the figures (mean and spread over seeds).
 
-  python toy2d.py                       # ~10 min on 2 CPU cores
+  python toy2d.py                       # ~13 CPU-minutes: ~7 min on 2 free cores
   python toy2d.py --quick --outdir /tmp/toy   # reduced, well under a minute
 """
 
@@ -26,6 +27,7 @@ import scipy.integrate
 import torch
 
 import fdistill
+import training_loop
 
 NAMES = ['rkl', 'srkl', 'js', 'hellinger', 'fkl', 'jeffreys']    # Table 1, most to least mode-seeking
 COLORS = dict(rkl='tab:blue', srkl='tab:cyan', js='tab:green', hellinger='tab:olive', fkl='tab:red', jeffreys='tab:purple')
@@ -239,21 +241,26 @@ def mode_metrics(samples, mixture, radius=3.0, covered_fraction=0.2):
 
 #----------------------------------------------------------------------------
 # The toy's recipe. The defaults are the documented run; --quick shrinks the step counts.
+# The modes sit 2 sin(pi/8) radius / std = 30.6 std apart: near the start's modes {0, 1} the noised
+# teacher and student agree until sigma is a sizeable part of the gap, so no low-noise level pulls a
+# mode-seeking update towards the empty modes.
 
 def toy_options(args):
     o = dict(
         num_modes       = 8,        # Modes on a circle...
         radius          = 2.0,      # ...of this radius,
-        std             = 0.2,      # each with this std (neighbours ~7.7 std apart).
+        std             = 0.05,     # each with this std (neighbours 1.53 apart, 30.6 std).
         sigma_max       = args.sigma_max, # Karras levels over [0.002, sigma_max]: the data scale is ~1.4, not 80.
         num_levels      = 1000,     # Discretisation of the Karras schedule (DMD2).
         num_bins        = 4,        # Stage-1 sigma bins, equal shares of the sampled levels.
         batch           = 256,      # Batch size for every update.
-        tau             = 5,        # Alg. 1: one generator update every tau iterations.
+        tau             = 5,        # Alg. 1 (TTUR): one generator update every tau iterations.
         steps           = args.steps, # Generator updates.
         lr_g            = 1e-3,     # Adam, generator.
-        lr_critic       = 1e-3,     # Adam, fake score and discriminator head.
-        w_gan           = args.w_gan, # GAN loss weight in the generator loss.
+        lr_critic       = 1e-3,     # Adam, fake score.
+        lr_head         = args.lr_head, # Adam, discriminator head (Table 5: one lr for all networks).
+        w_gan           = 0.0,      # GAN loss weight in the generator loss: set per setting (SETTINGS).
+        weighting       = 'eps',    # Per-sigma weight w_t of Eq. (4): set per setting (generator_loss).
         gamma           = 0.0,      # R1 weight on noised real inputs (Table 5: 0 on ImageNet); it biases r at small sigma here.
         r_min           = args.r_min, # Ratio clip (Alg. 1 line 6).
         r_max           = args.r_max,
@@ -267,11 +274,24 @@ def toy_options(args):
         o.update(pretrain_g=100, pretrain_critic=50, eval_samples=2000, batch=128)
     return o
 
+# Every divergence runs every setting with the same options. main: the f-distill term alone (the
+# paper's ablation, Table 10) with w_t = 1/sigma; with_gan: main plus the GAN term at the weight of
+# the CIFAR-10 and SD presets (Table 5, --w-gan); dmd: main with DMD's per-sample normaliser as w_t.
+SETTINGS = dict(main=dict(w_gan=0.0, weighting='eps'), with_gan=dict(w_gan=None, weighting='eps'), dmd=dict(w_gan=0.0, weighting='dmd'))
+
+def setting_options(o, setting, w_gan):
+    s = dict(SETTINGS[setting])
+    s['w_gan'] = w_gan if s['w_gan'] is None else s['w_gan']
+    return dict(o, setting=setting, **s)
+
 def build(o):
     mixture = ring(o['num_modes'], o['radius'], o['std'])
     sigma_data = float((mixture.means.square().sum(1).mean() / 2 + mixture.std ** 2).sqrt())
     levels = fdistill.karras_sigmas(o['num_levels'], 0.002, o['sigma_max'])
     return mixture, sigma_data, Teacher(mixture, sigma_data), levels
+
+def critic_optimizer(fake_score, head, o):
+    return torch.optim.Adam([dict(params=fake_score.parameters(), lr=o['lr_critic']), dict(params=head.parameters(), lr=o['lr_head'])])
 
 def critic_step(G, teacher, fake_score, head, opt, mixture, sigma_data, levels, o):
     B = o['batch']
@@ -285,7 +305,28 @@ def critic_step(G, teacher, fake_score, head, opt, mixture, sigma_data, levels, 
     opt.step()
     return stats
 
-# Per seed, one start shared by all six divergences: the generator regressed onto the skewed
+# Alg. 1 lines 6-12 with a choice of Eq. (4)'s per-sigma weight w_t.
+# 'dmd' is fdistill.generator_loss itself: DMD's per-sample w = 1 / mean|y - D_teacher(x_t)|. It gives
+# the levels with sigma above the ring's radius, where p_t and q_t are each one blob and the step can
+# only move q's mean, a step as large as any other level's.
+# 'eps' is w_t = 1/sigma: h * (eps_teacher - eps_fake), the epsilon-prediction difference of SDS/VSD
+# with a uniform weight over the levels. Its step from the blurred levels decays as radius/sigma, and
+# at small sigma it stays bounded, as the fake score's error in D is O(sigma) there (EDM's c_out).
+# Same lines as fdistill.generator_loss, which takes no w; the teacher runs once.
+def generator_loss(y, sigma, noise, teacher, fake_score, head, div, edges, o):
+    if o['weighting'] == 'dmd':
+        return fdistill.generator_loss(y, sigma, noise, teacher, fake_score, head, div, o['r_min'], o['r_max'], edges, o['w_gan'])
+    x_t = y + sigma[:, None] * noise                                        # Eq. 4: x = G(z) + sigma * eps
+    with torch.set_grad_enabled(o['w_gan'] > 0):
+        D_teacher, features = teacher(x_t, sigma[:, None])
+        logits = head(features)
+    with torch.no_grad():
+        D_fake = fake_score(x_t.detach(), sigma[:, None])
+    h_bar, stats = fdistill.weights(logits, sigma, div, o['r_min'], o['r_max'], edges)   # lines 6-9
+    loss = fdistill.fdistill_loss(y, D_teacher.detach(), D_fake, h_bar, w=1 / sigma)     # line 10
+    return loss + o['w_gan'] * fdistill.gan_generator_loss(logits), stats   # lines 11-12
+
+# Per seed, one start shared by all divergences and settings: the generator regressed onto the skewed
 # two-mode mixture, then the fake score and the discriminator head trained on that generator.
 def pretrain(o, seed):
     torch.manual_seed(seed)
@@ -300,14 +341,14 @@ def pretrain(o, seed):
         opt.step()
     fake_score = FakeScore(sigma_data)
     head = fdistill.DiscriminatorHead(channels=[teacher.channels], resolutions=[1], hidden=o['head_hidden'])
-    opt = torch.optim.Adam([*fake_score.parameters(), *head.parameters()], lr=o['lr_critic'])
+    opt = critic_optimizer(fake_score, head, o)
     for _ in range(o['pretrain_critic']):
         critic_step(G, teacher, fake_score, head, opt, mixture, sigma_data, levels, o)
     return dict(G=G.state_dict(), fake_score=fake_score.state_dict(), head=head.state_dict())
 
-# Algorithm 1 for one divergence and seed, from the pretrained start.
+# Algorithm 1 for one divergence, setting and seed, from the pretrained start.
 def distill(o, name, seed, start):
-    t0 = time.time()
+    t0 = time.process_time()
     torch.manual_seed(1000 + seed)
     mixture, sigma_data, teacher, levels = build(o)
     div = fdistill.divergence(name)
@@ -317,14 +358,14 @@ def distill(o, name, seed, start):
     for net, key in [(G, 'G'), (fake_score, 'fake_score'), (head, 'head')]:
         net.load_state_dict(start[key])
     opt_g = torch.optim.Adam(G.parameters(), lr=o['lr_g'])
-    opt_critic = torch.optim.Adam([*fake_score.parameters(), *head.parameters()], lr=o['lr_critic'])
+    opt_critic = critic_optimizer(fake_score, head, o)
     nvar, clipped, history = [], [], []
     B = o['batch']
     for it in range(o['steps'] * o['tau']):
         if it % o['tau'] == 0:                                              # Alg. 1 line 5
             y = G(torch.randn(B, 2))                                        # Alg. 1 line 4
-            loss, stats = fdistill.generator_loss(y, fdistill.sample_sigma(levels, B), torch.randn(B, 2),
-                teacher, fake_score, head, div, o['r_min'], o['r_max'], edges, o['w_gan'])   # lines 6-11
+            loss, stats = generator_loss(y, fdistill.sample_sigma(levels, B), torch.randn(B, 2),
+                                         teacher, fake_score, head, div, edges, o)
             opt_g.zero_grad(set_to_none=True)
             loss.backward()
             opt_g.step()                                                    # line 12
@@ -340,7 +381,7 @@ def distill(o, name, seed, start):
         samples = G(torch.randn(o['eval_samples'], 2))
     metrics = mode_metrics(samples, mixture)
     metrics.update(weight_variance=float(np.mean(nvar)), r_clipped=float(np.mean(clipped)),
-                   tv_history=history, seconds=time.time() - t0)
+                   tv_history=history, seconds=time.process_time() - t0)
     return metrics, samples[:3000]
 
 #----------------------------------------------------------------------------
@@ -374,40 +415,77 @@ def plot_score_weight(path, o, sigma=0.3):
     plt.close(fig)
 
 #----------------------------------------------------------------------------
-# Mode-coverage figure and tables.
+# Mode-coverage figures and tables.
 
-def plot_mode_coverage(path, mixture, initial, finals, table):
-    fig, axes = plt.subplots(2, 4, figsize=(16, 8.4))
-    panels = [('true mixture', mixture.sample(3000, torch.Generator().manual_seed(0))),
-              ('initial (skewed, Fig. 8)', initial)] + [(n, finals[n]) for n in NAMES]
-    lim = float(mixture.means.abs().max()) + 1.5
-    for ax, (title, x) in zip(axes.flat, panels):
-        ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.3, color=COLORS.get(title, 'k'))
-        ax.scatter(mixture.means[:, 0], mixture.means[:, 1], marker='x', color='k', s=40)
-        if title in table:
-            m = table[title]
-            title = f'{fdistill.divergence(title).name}: TV {m["tv"]:.2f}, modes {m["modes_covered"]:.1f}/{m["num_modes"]}'
-        ax.set_title(title, fontsize=10)
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
+# Exact log density of samples noised by sigma: the mean of Gaussian kernels of std sigma on them.
+def log_density_noised(x, samples, sigma):
+    d2 = torch.cdist(x.double(), samples.double()).square()
+    return (-d2 / (2 * sigma ** 2)).logsumexp(1) - math.log(len(samples)) - math.log(2 * math.pi * sigma ** 2)
+
+# Fig. 8: the skewed start and the final q of reverse-KL, JS and forward-KL, each over log10 h(r_t)
+# of its divergence at one sigma, r_t = p_t / q_t with both densities exact (q_t of the drawn samples).
+# An increasing h is large where p_t has mass that q_t lacks, towards the empty modes; h = 1 is flat.
+def plot_fig8(path, mixture, initial, finals, sigma):
+    n, lim = 120, float(mixture.means.abs().max()) + 0.8
+    g = torch.linspace(-lim, lim, n, dtype=torch.float64)
+    x = torch.stack(torch.meshgrid(g, g, indexing='xy'), -1).reshape(-1, 2)
+    log_p = mixture.log_prob(x, sigma).double()
+    panels = [('initial q (skewed); h of forward-KL', initial, 'fkl')] + [(f'final q, {fdistill.divergence(d).name}', finals[d], d) for d in ['rkl', 'js', 'fkl']]
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.8))
+    for ax, (title, q, name) in zip(axes, panels):
+        r = (log_p - log_density_noised(x, q[:1500], sigma)).exp()
+        log_h = fdistill.divergence(name).h(r).log10().clamp(-3, 3)
+        im = ax.imshow(log_h.reshape(n, n).numpy(), origin='lower', extent=[-lim, lim, -lim, lim], cmap='RdBu_r', vmin=-3, vmax=3)
+        ax.scatter(q[:1500, 0], q[:1500, 1], s=1, alpha=0.4, color='k')
+        ax.scatter(mixture.means[:, 0], mixture.means[:, 1], marker='x', color='tab:green', s=40)
+        ax.set_title(f'{title}\nbackground: log10 h(p$_t$/q$_t$), sigma = {sigma:.2f}', fontsize=10)
         ax.set_aspect('equal')
-    fig.suptitle('Alg. 1 in 2-D from a skewed start: final samples of the first seed; title: mean over seeds')
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.colorbar(im, ax=axes, fraction=0.012)
+    fig.suptitle('Fig. 8 in 2-D (main setting, first seed): true modes x, samples black')
+    fig.savefig(path, dpi=100, bbox_inches='tight')
     plt.close(fig)
 
+def plot_mode_coverage(path, mixture, initial, finals, coverage):
+    settings = list(finals)
+    fig, axes = plt.subplots(len(settings), 7, figsize=(24, 3.7 * len(settings)), squeeze=False)
+    lim = float(mixture.means.abs().max()) + 0.8
+    for row, setting in zip(axes, settings):
+        for ax, name in zip(row, ['initial'] + NAMES):
+            x = initial if name == 'initial' else finals[setting][name]
+            ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.3, color=COLORS.get(name, 'k'))
+            ax.scatter(mixture.means[:, 0], mixture.means[:, 1], marker='x', color='k', s=30)
+            if name == 'initial':
+                title = f'{setting}: initial (skewed)'
+            else:
+                m = coverage[setting][name]
+                title = f'{fdistill.divergence(name).name}: modes {np.mean(m["modes"]):.1f}, TV {np.mean(m["tv"]):.2f}'
+            ax.set_title(title, fontsize=10)
+            ax.set_xlim(-lim, lim)
+            ax.set_ylim(-lim, lim)
+            ax.set_aspect('equal')
+    fig.suptitle('Alg. 1 in 2-D from a skewed start: final samples of the first seed; titles: mean over seeds')
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+def mean_std(values, fmt):
+    return f'{np.mean(values):{fmt}} ± {np.std(values):{fmt}}'
+
 def markdown(results):
-    o = results['options']
-    lines = [f"Mode coverage after {o['steps']} generator steps (tau = {o['tau']}), mean over {results['mode_coverage']['rkl']['seeds']} seeds "
-             f"(± std over seeds). Initial distribution: TV {results['initial']['tv']:.3f}, "
-             f"{results['initial']['modes_covered']:.1f}/{o['num_modes']} modes.", '',
-             '| divergence | mode-seeking | modes covered | TV to true weights | off-mode fraction | Var(h)/E[h]^2 in batch | r clipped | seconds/run |',
-             '|---|---|---|---|---|---|---|---|']
-    for name in NAMES:
-        m = results['mode_coverage'][name]
-        lines.append(f"| {name} | {fdistill.divergence(name).mode_seeking} | {m['modes_covered']:.2f} / {m['num_modes']} | "
-                     f"{m['tv']:.3f} ± {m['tv_std']:.3f} | {m['off_mode']:.3f} | {m['weight_variance']:.3g} | "
-                     f"{m['r_clipped']:.3f} | {m['seconds']:.0f} |")
+    o, seeds = results['options'], results['seeds']
+    init = results['initial']
+    lines = [f"Mode coverage after {o['steps']} generator steps (tau = {o['tau']}), {o['num_modes']} modes {o['radius'] * 2 * math.sin(math.pi / o['num_modes']) / o['std']:.1f} std apart; "
+             f"mean ± std over {len(seeds)} seeds, each with its own skewed start (modes {mean_std([m['modes_covered'] for m in init], '.1f')}, "
+             f"TV {mean_std([m['tv'] for m in init], '.3f')}). Modes per seed in brackets."]
+    for setting, c in results['mode_coverage'].items():
+        lines += ['', f"**{setting}** (w_GAN = {c['w_gan']:g}, w_t = {'1/sigma' if c['weighting'] == 'eps' else 'DMD normaliser'}):", '',
+                  '| divergence | mode-seeking | modes covered | TV to true weights | off-mode fraction | Var(h̄)/E[h̄]² in batch | r clipped | CPU s/run |',
+                  '|---|---|---|---|---|---|---|---|']
+        for name in NAMES:
+            m = c[name]
+            lines.append(f"| {name} | {fdistill.divergence(name).mode_seeking} | {mean_std(m['modes'], '.1f')} ({', '.join(map(str, m['modes']))}) | "
+                         f"{mean_std(m['tv'], '.3f')} | {mean_std(m['off_mode'], '.3f')} | {mean_std(m['weight_variance'], '.3g')} | "
+                         f"{np.mean(m['r_clipped']):.3f} | {np.mean(m['seconds']):.0f} |")
     v = results['variance_vs_mean_difference']
     mus = [i for i, mu in enumerate(v['mu']) if abs(mu * 2 - round(mu * 2)) < 1e-9]
     lines += ['', 'Normalised variance Var_q(h)/E_q[h]^2, q = N(0,1), p = N(mu,1) (Fig. 4a):', '',
@@ -422,8 +500,8 @@ def markdown(results):
 def run_job(job):
     kind, o, seed, name, start = job
     if kind == 'pretrain':
-        return kind, seed, None, pretrain(o, seed)
-    return kind, seed, name, distill(o, name, seed, start)
+        return o, seed, name, pretrain(o, seed)
+    return o, seed, name, distill(o, name, seed, start)
 
 def init_worker():
     torch.set_num_threads(1)
@@ -433,30 +511,54 @@ def run_jobs(jobs, pool, on_done):
     for i, result in enumerate(results):
         on_done(i, result)
 
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog='toy2d.py', description='2-D reproduction of f-distill Figs. 2, 3, 4a and 8.')
+    p.add_argument('--outdir', default='toy2d_out', help='Output folder (created).')
+    p.add_argument('--quick', action='store_true', help='Reduced run for tests: 1 seed, 20 generator steps, short pretraining.')
+    p.add_argument('--seeds', type=int, default=None, help='Seeds, each with its own skewed start shared by every run (default 3; 1 with --quick).')
+    p.add_argument('--steps', type=int, default=None, help='Generator updates per run (default 500; 20 with --quick).')
+    p.add_argument('--workers', type=int, default=2, help='Parallel processes for the runs (1 = in-process).')
+    p.add_argument('--settings', default='main,with_gan', help=f'Comma-separated settings to run, of {", ".join(SETTINGS)}.')
+    p.add_argument('--w-gan', type=float, default=1e-3, help='GAN loss weight of the with_gan setting (Table 5, CIFAR-10 and SD: 1e-3).')
+    p.add_argument('--sigma-max', type=float, default=5.0, help='Largest noise level (the modes sit on a circle of radius 2).')
+    p.add_argument('--r-min', type=float, default=1e-3, help='Lower clip of the density ratio (Alg. 1 line 6).')
+    p.add_argument('--r-max', type=float, default=1e3, help='Upper clip of the density ratio.')
+    p.add_argument('--lr-head', type=float, default=1e-3, help='Adam lr of the discriminator head (default: the fake score\'s, as Table 5).')
+    args = p.parse_args(argv)
+    for flag in ['seeds', 'steps']:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f'--{flag} must be a positive count, got {getattr(args, flag)}')
+    if args.workers < 1:
+        p.error(f'--workers must be a positive count, got {args.workers}')
+    args.seeds = args.seeds or (1 if args.quick else 3)
+    args.steps = args.steps or (20 if args.quick else 500)
+    args.settings = args.settings.split(',')
+    if not args.settings or not set(args.settings) <= set(SETTINGS) or len(set(args.settings)) < len(args.settings):
+        p.error(f'--settings must list distinct names of {", ".join(SETTINGS)}, got {",".join(args.settings)}')
+    if not 0 < args.r_min < 1:
+        p.error(f'--r-min must lie in (0, 1), got {args.r_min:g}')
+    if not 1 < args.r_max < math.inf:
+        p.error(f'--r-max must be a finite number above 1, got {args.r_max:g}')
+    if not 0.002 < args.sigma_max < math.inf:
+        p.error(f'--sigma-max must exceed the smallest level 0.002, got {args.sigma_max:g}')
+    if not 0 <= args.w_gan < math.inf:
+        p.error(f'--w-gan must be a finite number >= 0, got {args.w_gan:g}')
+    if not 0 < args.lr_head < math.inf:
+        p.error(f'--lr-head must be a positive learning rate, got {args.lr_head:g}')
+    if os.path.exists(args.outdir) and not os.path.isdir(args.outdir):
+        p.error(f'--outdir {args.outdir} is a file: pass a folder')
+    return args
+
 def main(argv=None):
     torch.set_num_threads(1)    # tiny networks: one thread per process is fastest, and workers don't fight
-    parser = argparse.ArgumentParser(description='2-D reproduction of f-distill Figs. 2, 3, 4a and 8.')
-    parser.add_argument('--outdir', default='toy2d_out', help='Output folder (created).')
-    parser.add_argument('--quick', action='store_true', help='Reduced run for tests: 1 seed, 20 generator steps, short pretraining.')
-    parser.add_argument('--seeds', type=int, default=None, help='Seeds per divergence (default 3; 1 with --quick).')
-    parser.add_argument('--steps', type=int, default=None, help='Generator updates per run (default 1000; 20 with --quick).')
-    parser.add_argument('--workers', type=int, default=2, help='Parallel processes for the runs (1 = in-process).')
-    parser.add_argument('--w-gan', type=float, default=1e-3, help='GAN loss weight for the generator (Table 5: 1e-3).')
-    parser.add_argument('--sigma-max', type=float, default=5.0, help='Largest noise level (modes sit 1.5 apart on a circle of radius 2).')
-    parser.add_argument('--r-min', type=float, default=1e-3, help='Lower clip of the density ratio (Alg. 1 line 6).')
-    parser.add_argument('--r-max', type=float, default=1e3, help='Upper clip of the density ratio.')
-    args = parser.parse_args(argv)
-    args.seeds = args.seeds or (1 if args.quick else 3)
-    args.steps = args.steps or (20 if args.quick else 1000)
-    if args.seeds < 1 or args.steps < 1 or args.workers < 1:
-        raise ValueError('--seeds, --steps and --workers must be positive')
+    args = parse_args(argv)
     os.makedirs(args.outdir, exist_ok=True)
     t0 = time.time()
     def progress(msg):
         print(f'[{time.time() - t0:6.1f}s] {msg}', flush=True)
 
     o = toy_options(args)
-    results = dict(options=o)
+    results = dict(options=o, seeds=list(range(args.seeds)), settings={s: setting_options(o, s, args.w_gan) for s in args.settings})
     plot_f_and_h(os.path.join(args.outdir, 'f_and_h.png'))
     progress('f_and_h.png: |f\'(r)| and h(r) (Fig. 3)')
 
@@ -471,8 +573,8 @@ def main(argv=None):
     plot_score_weight(os.path.join(args.outdir, 'score_weight.png'), o)
     progress('score_weight.png: score difference and forward-KL h over the plane (Fig. 2)')
 
-    # Alg. 1: pretrain one start per seed, then every divergence from it.
-    seeds = list(range(args.seeds))
+    # Alg. 1: pretrain one start per seed, then every setting and divergence from it.
+    seeds = results['seeds']
     pool = multiprocessing.get_context('spawn').Pool(args.workers, init_worker) if args.workers > 1 else None
     try:
         starts = {}
@@ -480,17 +582,19 @@ def main(argv=None):
             starts[result[1]] = result[3]
             progress(f'pretrained skewed start, seed {result[1]} ({i + 1}/{len(seeds)})')
         run_jobs([('pretrain', o, s, None, None) for s in seeds], pool, pretrained)
-        runs, samples = {n: {} for n in NAMES}, {}
-        jobs = [('distill', o, s, n, starts[s]) for s in seeds for n in NAMES]
+        runs = {s: {n: {} for n in NAMES} for s in args.settings}
+        samples = {s: {} for s in args.settings}
+        jobs = [('distill', results['settings'][s], seed, n, starts[seed]) for s in args.settings for seed in seeds for n in NAMES]
         t_runs = time.time()
         def distilled(i, result):
-            _, seed, name, (metrics, x) = result
-            runs[name][seed] = metrics
+            job_options, seed, name, (metrics, x) = result
+            setting = job_options['setting']
+            runs[setting][name][seed] = metrics
             if seed == 0:
-                samples[name] = x
+                samples[setting][name] = x
             eta = (time.time() - t_runs) / (i + 1) * (len(jobs) - i - 1)
-            progress(f'[{i + 1:2d}/{len(jobs)}] {name:9s} seed {seed}: TV {metrics["tv"]:.3f}, modes {metrics["modes_covered"]}/{metrics["num_modes"]}, '
-                     f'off-mode {metrics["off_mode"]:.3f}, Var(h)/E[h]^2 {metrics["weight_variance"]:.3g}, {metrics["seconds"]:.1f} s (eta {eta:.0f} s)')
+            progress(f'[{i + 1:2d}/{len(jobs)}] {setting:8s} {name:9s} seed {seed}: modes {metrics["modes_covered"]}/{metrics["num_modes"]}, TV {metrics["tv"]:.3f}, '
+                     f'off-mode {metrics["off_mode"]:.3f}, Var(h)/E[h]^2 {metrics["weight_variance"]:.3g}, {metrics["seconds"]:.1f} CPU s (eta {eta:.0f} s)')
         run_jobs(jobs, pool, distilled)
     finally:
         if pool:
@@ -498,26 +602,27 @@ def main(argv=None):
             pool.join()
 
     mixture = build(o)[0]
-    G = generator_net()
-    G.load_state_dict(starts[0]['G'])
-    with torch.no_grad():
-        initial = G(torch.randn(o['eval_samples'], 2, generator=torch.Generator().manual_seed(0)))
-    results['initial'] = mode_metrics(initial, mixture)
-    coverage = {}
-    for name in NAMES:
-        per_seed = [runs[name][s] for s in seeds]
-        mean = lambda key: float(np.mean([m[key] for m in per_seed]))
-        coverage[name] = dict(modes_covered=mean('modes_covered'), num_modes=o['num_modes'], tv=mean('tv'),
-                              tv_std=float(np.std([m['tv'] for m in per_seed])), off_mode=mean('off_mode'),
-                              weight_variance=mean('weight_variance'), r_clipped=mean('r_clipped'),
-                              seconds=mean('seconds'), seeds=len(seeds), per_seed=per_seed)
-    results['mode_coverage'] = coverage
-    plot_mode_coverage(os.path.join(args.outdir, 'mode_coverage.png'), mixture, initial[:3000], samples, coverage)
-    with open(os.path.join(args.outdir, 'results.json'), 'w') as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(args.outdir, 'results.md'), 'w') as f:
-        f.write(markdown(results))
-    progress(f'mode_coverage.png, results.json, results.md written to {args.outdir}')
+    initial = []
+    for seed in seeds:
+        G = generator_net()
+        G.load_state_dict(starts[seed]['G'])
+        with torch.no_grad():
+            initial.append(G(torch.randn(o['eval_samples'], 2, generator=torch.Generator().manual_seed(seed))))
+    results['initial'] = [mode_metrics(x, mixture) for x in initial]
+    results['mode_coverage'] = {}
+    for s in args.settings:
+        c = dict(num_modes=o['num_modes'], w_gan=results['settings'][s]['w_gan'], weighting=results['settings'][s]['weighting'])
+        for name in NAMES:
+            per_seed = [runs[s][name][seed] for seed in seeds]
+            c[name] = dict(modes=[m['modes_covered'] for m in per_seed],
+                           **{key: [m[key] for m in per_seed] for key in ['tv', 'off_mode', 'weight_variance', 'r_clipped', 'seconds', 'occupancy', 'tv_history']})
+        results['mode_coverage'][s] = c
+    plot_mode_coverage(os.path.join(args.outdir, 'mode_coverage.png'), mixture, initial[0][:3000], samples, results['mode_coverage'])
+    fig8 = args.settings[0]
+    plot_fig8(os.path.join(args.outdir, 'fig8.png'), mixture, initial[0], samples[fig8], sigma=o['radius'] * math.sin(math.pi / o['num_modes']) * 2 / 3)
+    training_loop.atomic_write(os.path.join(args.outdir, 'results.json'), lambda f: f.write(json.dumps(results, indent=1).encode()))
+    training_loop.atomic_write(os.path.join(args.outdir, 'results.md'), lambda f: f.write(markdown(results).encode()))
+    progress(f'fig8.png ({fig8}), mode_coverage.png, results.json, results.md written to {args.outdir}')
     print(markdown(results))
 
 if __name__ == '__main__':

@@ -121,14 +121,78 @@ def test_discriminator_on_teacher_features_learns_log_ratio(one_thread):
     assert torch.corrcoef(torch.stack([truth, logits]))[0, 1] > 0.9
 
 #----------------------------------------------------------------------------
-# End to end: --quick writes every figure and table, with Fig. 4a's closed forms in the JSON.
+# The toy's generator step: with w_t = 1/sigma the gradient reaching y is h_bar (D_fake - D_teacher) / sigma
+# per element (Eq. 4, divided by y.numel() by the mse), h_bar from fdistill.weights; with 'dmd' it is
+# fdistill.generator_loss exactly. float64 teacher and fake score; h_bar and the loss are float32 in fdistill.
+
+def test_generator_loss_weighting(one_thread):
+    torch.manual_seed(0)
+    mixture = toy2d.ring(std=0.05)
+    teacher = toy2d.Teacher(mixture, sigma_data=1.41).double()
+    fake_score = toy2d.FakeScore(1.41).double()
+    head = fdistill.DiscriminatorHead(channels=[teacher.channels], resolutions=[1], hidden=16)      # float32 inside, as in fdistill
+    levels = fdistill.karras_sigmas(1000, 0.002, 5.0)
+    edges = fdistill.sigma_bin_edges(levels, 4)
+    div = fdistill.divergence('fkl')
+    y = torch.randn(64, 2, dtype=torch.float64, requires_grad=True)
+    sigma, noise = fdistill.sample_sigma(levels, 64).double(), torch.randn(64, 2, dtype=torch.float64)
+    o = dict(weighting='eps', w_gan=0.0, r_min=1e-3, r_max=1e3)
+    loss, stats = toy2d.generator_loss(y, sigma, noise, teacher, fake_score, head, div, edges, o)
+    grad, = torch.autograd.grad(loss, y)
+    with torch.no_grad():
+        x_t = y + sigma[:, None] * noise
+        D_teacher, features = teacher(x_t, sigma[:, None])
+        h_bar, _ = fdistill.weights(head(features), sigma, div, 1e-3, 1e3, edges)
+        expected = h_bar[:, None] * (fake_score(x_t, sigma[:, None]) - D_teacher) / sigma[:, None] / y.numel()
+    assert stats['h_ess'] < 1                                   # h varies: the weights are not all equal
+    # fdistill's mse forms y - (y - grad) in float32: an absolute error of a few eps32 * |y| per element.
+    atol = 4 * torch.finfo(torch.float32).eps * y.abs().max().item() / y.numel()
+    torch.testing.assert_close(grad, expected.to(grad.dtype), rtol=1e-5, atol=atol)
+    for w_gan in [0.0, 1e-3]:
+        o = dict(weighting='dmd', w_gan=w_gan, r_min=1e-3, r_max=1e3)
+        ours, _ = toy2d.generator_loss(y, sigma, noise, teacher, fake_score, head, div, edges, o)
+        theirs, _ = fdistill.generator_loss(y, sigma, noise, teacher, fake_score, head, div, 1e-3, 1e3, edges, w_gan)
+        assert ours.item() == theirs.item()
+
+#----------------------------------------------------------------------------
+# Bad flags end as one line `toy2d.py: error: ...` naming the flag, exit status 2, before anything is
+# computed or written: as real processes (started together, each mostly imports torch), then the rest
+# of the checks through parse_args in this process.
+
+def check_one_line_error(returncode, stdout, stderr, flag):
+    errors = [line for line in stderr.splitlines() if 'error' in line.lower()]
+    assert returncode == 2, stderr
+    assert errors == [stderr.strip().splitlines()[-1]] and errors[0].startswith(f'toy2d.py: error: {flag} '), stderr
+    assert stdout == '', stdout                                         # not one progress line
+
+def test_bad_flags_fail_in_one_line_before_any_work(tmp_path):
+    cases = [(['--steps', '0'], '--steps'), (['--seeds', '-1'], '--seeds'), (['--r-min', '5', '--r-max', '2'], '--r-min')]
+    procs = [subprocess.Popen([sys.executable, 'toy2d.py', *flags, '--outdir', str(tmp_path / 'out')], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for flags, _ in cases]
+    for proc, (flags, name) in zip(procs, cases):
+        stdout, stderr = proc.communicate(timeout=600)
+        check_one_line_error(proc.returncode, stdout, stderr, name)
+    assert os.listdir(tmp_path) == []                                   # no output folder, no file
+
+@pytest.mark.parametrize('flags,name', [(['--steps', '-3'], '--steps'), (['--seeds', '0'], '--seeds'), (['--workers', '0'], '--workers'),
+    (['--r-min', '0'], '--r-min'), (['--r-max', 'inf'], '--r-max'), (['--r-max', '0.5'], '--r-max'), (['--settings', 'main,nope'], '--settings'),
+    (['--settings', 'main,main'], '--settings'), (['--w-gan', '-1'], '--w-gan'), (['--lr-head', '0'], '--lr-head'), (['--sigma-max', 'nan'], '--sigma-max')])
+def test_bad_flag_values(flags, name, capsys):
+    with pytest.raises(SystemExit) as exit:
+        toy2d.parse_args(flags)
+    captured = capsys.readouterr()
+    check_one_line_error(exit.value.code, captured.out, captured.err, name)
+
+#----------------------------------------------------------------------------
+# End to end: --quick writes every figure and table, with Fig. 4a's closed forms in the JSON and the
+# mode-coverage schema: per setting, per divergence, one entry per seed; results.md shows the same numbers.
 
 def test_quick_run_writes_all_outputs(tmp_path):
     out = tmp_path / 'toy'
-    proc = subprocess.run([sys.executable, 'toy2d.py', '--quick', '--workers', '1', '--outdir', str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, 'toy2d.py', '--quick', '--seeds', '2', '--steps', '5', '--workers', '1', '--outdir', str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # ~20 s alone; a guard against hangs, not a speed test
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for name in ['f_and_h.png', 'variance.png', 'score_weight.png', 'mode_coverage.png', 'results.json', 'results.md']:
+    for name in ['f_and_h.png', 'variance.png', 'score_weight.png', 'fig8.png', 'mode_coverage.png', 'results.json', 'results.md']:
         assert (out / name).stat().st_size > 0, name
     results = json.loads((out / 'results.json').read_text())
     v = results['variance_vs_mean_difference']
@@ -136,11 +200,18 @@ def test_quick_run_writes_all_outputs(tmp_path):
     for name in ['rkl', 'fkl', 'jeffreys', 'hellinger']:
         np.testing.assert_allclose(v[name], [closed_form(name, mu) for mu in v['mu']], rtol=1e-9, atol=1e-12)
     assert v['mu'][-1] == pytest.approx(3.0)
-    for name in toy2d.NAMES:
-        m = results['mode_coverage'][name]
-        assert {'modes_covered', 'num_modes', 'tv', 'off_mode', 'weight_variance', 'seconds', 'seeds'} <= set(m)
-        assert m['num_modes'] == 8 and m['seeds'] == 1 and 0 <= m['tv'] <= 1
-    assert results['mode_coverage']['rkl']['weight_variance'] == 0     # h = 1 has no variance
-    assert results['mode_coverage']['fkl']['weight_variance'] > 0
+    coverage = results['mode_coverage']
+    assert list(coverage) == ['main', 'with_gan']
+    assert coverage['main']['w_gan'] == 0 and coverage['with_gan']['w_gan'] == 1e-3
     table = (out / 'results.md').read_text()
-    assert all(f'| {name} |' in table for name in toy2d.NAMES)
+    for setting, c in coverage.items():
+        assert c['num_modes'] == 8 and set(toy2d.NAMES) <= set(c)
+        for name in toy2d.NAMES:
+            m = c[name]
+            assert all(len(m[key]) == 2 for key in ['modes', 'tv', 'weight_variance', 'off_mode'])
+            assert all(0 <= k <= 8 for k in m['modes']) and all(0 <= tv <= 1 for tv in m['tv'])
+            row = f"| {name} | {fdistill.divergence(name).mode_seeking} | {toy2d.mean_std(m['modes'], '.1f')} ({', '.join(map(str, m['modes']))}) | {toy2d.mean_std(m['tv'], '.3f')} |"
+            assert row in table, row
+        assert c['rkl']['weight_variance'] == [0, 0]         # h = 1 has no variance
+        assert min(c['fkl']['weight_variance']) > 0
+    assert table.count('| rkl |') == 3                       # one row per setting, one in the Fig. 4a table
