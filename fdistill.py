@@ -241,7 +241,8 @@ class DiscriminatorHead(torch.nn.Module):
 
 # Alg. 1 lines 6-12: f-distill loss + w_GAN * generator GAN loss. The logits the GAN loss needs
 # give r for free; the teacher runs once, with gradients to y through its features only.
-def generator_loss(y, sigma, noise, teacher, fake_score, head, div, r_min, r_max, edges, w_gan, ratio_means=None, ratio_ema=0.0):
+# w is Eq. 4's per-sample weight; None means DMD's normaliser (fdistill_loss).
+def generator_loss(y, sigma, noise, teacher, fake_score, head, div, r_min, r_max, edges, w_gan, ratio_means=None, ratio_ema=0.0, w=None):
     shape = (-1,) + (1,) * (y.ndim - 1)
     x_t = y + sigma.reshape(shape) * noise                  # Eq. 4: x = G(z) + sigma * eps
     with torch.set_grad_enabled(w_gan > 0):
@@ -250,7 +251,7 @@ def generator_loss(y, sigma, noise, teacher, fake_score, head, div, r_min, r_max
     with torch.no_grad():
         D_fake = fake_score(x_t.detach(), sigma.reshape(shape))
     h_bar, stats = weights(logits, sigma, div, r_min, r_max, edges, ratio_means, ratio_ema)
-    loss_fdistill = fdistill_loss(y, D_teacher.detach(), D_fake, h_bar)
+    loss_fdistill = fdistill_loss(y, D_teacher.detach(), D_fake, h_bar, w)
     loss_gan = gan_generator_loss(logits)
     stats.update(loss_fdistill=loss_fdistill.item(), loss_gan_g=loss_gan.item())
     return loss_fdistill + w_gan * loss_gan, stats

@@ -312,19 +312,9 @@ def critic_step(G, teacher, fake_score, head, opt, mixture, sigma_data, levels, 
 # 'eps' is w_t = 1/sigma: h * (eps_teacher - eps_fake), the epsilon-prediction difference of SDS/VSD
 # with a uniform weight over the levels. Its step from the blurred levels decays as radius/sigma, and
 # at small sigma it stays bounded, as the fake score's error in D is O(sigma) there (EDM's c_out).
-# Same lines as fdistill.generator_loss, which takes no w; the teacher runs once.
 def generator_loss(y, sigma, noise, teacher, fake_score, head, div, edges, o):
-    if o['weighting'] == 'dmd':
-        return fdistill.generator_loss(y, sigma, noise, teacher, fake_score, head, div, o['r_min'], o['r_max'], edges, o['w_gan'])
-    x_t = y + sigma[:, None] * noise                                        # Eq. 4: x = G(z) + sigma * eps
-    with torch.set_grad_enabled(o['w_gan'] > 0):
-        D_teacher, features = teacher(x_t, sigma[:, None])
-        logits = head(features)
-    with torch.no_grad():
-        D_fake = fake_score(x_t.detach(), sigma[:, None])
-    h_bar, stats = fdistill.weights(logits, sigma, div, o['r_min'], o['r_max'], edges)   # lines 6-9
-    loss = fdistill.fdistill_loss(y, D_teacher.detach(), D_fake, h_bar, w=1 / sigma)     # line 10
-    return loss + o['w_gan'] * fdistill.gan_generator_loss(logits), stats   # lines 11-12
+    w = None if o['weighting'] == 'dmd' else 1 / sigma                     # DMD's normaliser, or 1/sigma
+    return fdistill.generator_loss(y, sigma, noise, teacher, fake_score, head, div, o['r_min'], o['r_max'], edges, o['w_gan'], w=w)
 
 # Per seed, one start shared by all divergences and settings: the generator regressed onto the skewed
 # two-mode mixture, then the fake score and the discriminator head trained on that generator.
