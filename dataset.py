@@ -65,8 +65,7 @@ class ImageDataset:
             raise ValueError(f'Dataset {self.path}: dataset.json has no label for {missing[0]} ({len(missing)} images unlabelled)')
         return np.array([labels[f] for f in self.files], dtype=np.int64)
 
-    # One image as uint8 HWC. A damaged file is named when it is drawn (reading every image up front would
-    # take minutes on ImageNet).
+    # One image as uint8 HWC; a damaged file is named.
     def image(self, i):
         try:
             with self._open(self.files[i]) as f:
@@ -81,6 +80,15 @@ class ImageDataset:
         if batch.shape[1:] != (self.resolution, self.resolution, self.channels):
             raise ValueError(f'Dataset {self.path}: images differ in shape from {self.files[0]}')
         return torch.from_numpy(batch).permute(0, 3, 1, 2)
+
+    # The error of the first image among `indices` that cannot be read or differs in shape; None if all are fine.
+    def first_damaged(self, indices):
+        for i in indices:
+            try:
+                self.images([i])
+            except ValueError as err:
+                return str(err)
+        return None
 
     # Class labels as one-hot float rows (EDM's convention); None for an unlabelled dataset.
     def one_hot(self, indices, label_dim=None):

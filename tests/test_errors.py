@@ -147,5 +147,9 @@ def test_damaged_image_and_labels_are_named(tmp_path):
     images = dataset.ImageDataset(damaged('00000/img00000002.png', members['00000/img00000002.png'][:40]))     # truncated PNG
     with pytest.raises(ValueError, match='cannot read 00000/img00000002.png .*replace or remove that image'):
         images.images([1, 2])
+    assert images.first_damaged([0, 1, 3]) is None
+    assert 'cannot read 00000/img00000002.png' in images.first_damaged(range(4))
+    with pytest.raises(ValueError, match='cannot read 00000/img00000002.png'):       # before training, in one process
+        train_edm.verify_images(images, rank=0, world=1)
     with pytest.raises(ValueError, match=r'dataset.json is not \{"labels"'):
         dataset.ImageDataset(damaged('dataset.json', b'{"labels": [["a", 1, 2]]}'))
