@@ -519,9 +519,16 @@ def load_sd(folder, device='cpu', dtype=torch.float32):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
     unet, unet_config = load_sdunet(folder)
-    vae = AutoencoderKL.from_pretrained(os.path.join(folder, 'vae'), local_files_only=True, use_safetensors=True, torch_dtype=dtype)
-    text_encoder = CLIPTextModel.from_pretrained(os.path.join(folder, 'text_encoder'), local_files_only=True, use_safetensors=True, dtype=dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, 'tokenizer'), local_files_only=True)
+
+    def pretrained(load, name, **kwargs):       # a damaged file in a subfolder is one line naming it
+        try:
+            return load(os.path.join(folder, name), local_files_only=True, **kwargs)
+        except Exception as err:
+            detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ValueError(f'{os.path.join(folder, name)} cannot be loaded ({type(err).__name__}: {detail}); {SD_FOLDER_HINT}') from None
+    vae = pretrained(AutoencoderKL.from_pretrained, 'vae', use_safetensors=True, torch_dtype=dtype)
+    text_encoder = pretrained(CLIPTextModel.from_pretrained, 'text_encoder', use_safetensors=True, dtype=dtype)
+    tokenizer = pretrained(CLIPTokenizer.from_pretrained, 'tokenizer')
     vae.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
     return dict(unet=unet.to(device, dtype), vae=vae.to(device), text_encoder=text_encoder.to(device), tokenizer=tokenizer, unet_config=unet_config)

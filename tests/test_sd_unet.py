@@ -304,5 +304,17 @@ def test_load_sd_errors_name_the_problem(tiny_sd, tmp_path):
     with pytest.raises(ValueError, match='does not fit SDUNet') as error:
         load_sd(folder)
     assert '\n' not in str(error.value)
+    edit('unet/config.json', layers_per_block=1)
+    for name in ('vae/diffusion_pytorch_model.safetensors', 'text_encoder/model.safetensors'):       # truncated weights
+        path = os.path.join(folder, name)
+        intact = open(path, 'rb').read()
+        with open(path, 'wb') as f:
+            f.write(intact[:len(intact) // 2])
+        with pytest.raises(ValueError, match=f'{os.path.dirname(path)} cannot be loaded') as error:
+            load_sd(folder)
+        assert '\n' not in str(error.value)
+        with open(path, 'wb') as f:
+            f.write(intact)
+    load_sd(folder)
 
 #----------------------------------------------------------------------------
