@@ -792,20 +792,12 @@ def load_network(path):
 #----------------------------------------------------------------------------
 # An exported one-step generator, for use outside this repository (evaluate.py export): generator.safetensors
 # holds the EDMPrecond state dict (the keys of NVIDIA's networks), generator.json its constructor arguments
-# (those that differ from EDMPrecond's defaults, as EDM's own _init_kwargs) and sigma_init. No pickle.
+# (those that differ from EDMPrecond's defaults, as EDM's own _init_kwargs) and sigma_init (generator_spec). No pickle.
 
-def save_generator(folder, generator, info=None):
-    import safetensors.torch
+def generator_spec(generator, info=None):
     defaults = {k: p.default for k, p in inspect.signature(EDMPrecond.__init__).parameters.items() if p.default is not p.empty}
     kwargs = {k: v for k, v in generator.net.init_kwargs.items() if k not in defaults or v != defaults[k]}
-    spec = dict(kwargs=kwargs, sigma_init=float(generator.sigma_init), **(info or {}))
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, 'generator.safetensors')
-    safetensors.torch.save_file({k: v.contiguous() for k, v in generator.net.state_dict().items()}, path + '.tmp')
-    os.replace(path + '.tmp', path)
-    with open(os.path.join(folder, 'generator.json.tmp'), 'w') as f:
-        json.dump(spec, f, indent=2, allow_nan=False)
-    os.replace(os.path.join(folder, 'generator.json.tmp'), os.path.join(folder, 'generator.json'))
+    return dict(kwargs=kwargs, sigma_init=float(generator.sigma_init), **(info or {}))
 
 def load_generator(folder):
     import safetensors.torch

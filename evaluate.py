@@ -1084,6 +1084,14 @@ with torch.no_grad():
 ```
 """
 
+# Weights as safetensors (format 'pt', as diffusers writes them) and a JSON config, each written atomically.
+def write_export(dest, weights_name, state_dict, config_name, config):
+    import safetensors.torch
+    data = safetensors.torch.save({k: v.contiguous() for k, v in state_dict.items()}, metadata=dict(format='pt'))
+    os.makedirs(dest, exist_ok=True)
+    training_loop.atomic_write(os.path.join(dest, weights_name), lambda f: f.write(data))
+    write_json(os.path.join(dest, config_name), config)
+
 def cmd_export(args):
     ckpt = load_checkpoint(args.ckpt)
     marker = os.path.join(args.dest, 'config.json' if is_t2i(ckpt) else 'generator.safetensors')
@@ -1093,11 +1101,12 @@ def cmd_export(args):
     info = dict(source=ckpt['path'], iteration=ckpt.get('iteration'), weights=weights, f=ckpt.get('options', {}).get('f'))
     if is_t2i(ckpt):
         state = {k[len('unet.'):]: v for k, v in ckpt[weights].items()}        # sd_unet.SDGenerator holds the UNet as 'unet'
-        sd_unet.save_diffusers_unet(args.dest, state, ckpt['unet_config'])
+        write_export(args.dest, 'diffusion_pytorch_model.safetensors', state, 'config.json', sd_unet.diffusers_unet_config(ckpt['unet_config']))
         readme = SD_EXPORT_README.format(**info, dest=args.dest, sd=ckpt['sd'], resolution=ckpt['options']['resolution'])
     else:
         import edm_nets
-        edm_nets.save_generator(args.dest, load_generator(ckpt, 'cpu'), info)
+        generator = load_generator(ckpt, 'cpu')
+        write_export(args.dest, 'generator.safetensors', generator.net.state_dict(), 'generator.json', edm_nets.generator_spec(generator, info))
         readme = EDM_EXPORT_README.format(**info, dest=args.dest)
     training_loop.atomic_write(os.path.join(args.dest, 'README.md'), lambda f: f.write(readme.encode()))
     print0(f'Exported the {weights} weights of "{ckpt["path"]}" to "{args.dest}" (see its README.md)')

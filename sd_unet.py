@@ -472,6 +472,11 @@ def check_scheduler_config(path):
         if key in config and not (config[key] == value or (isinstance(value, float) and math.isclose(config[key], value))):
             raise ValueError(f'{path}: {key}={config[key]!r}, but sd_unet.py implements SD v1.5\'s {key}={value!r}')
 
+# A damaged file of the SD folder, however the library reports it, as one line naming its subfolder.
+def damaged(subfolder, err):
+    detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return ValueError(f'{subfolder} cannot be loaded ({type(err).__name__}: {detail}); {SD_FOLDER_HINT}')
+
 def load_sdunet(folder):
     config_path = os.path.join(folder, 'unet', 'config.json')
     weights_path = os.path.join(folder, 'unet', 'diffusion_pytorch_model.safetensors')
@@ -480,9 +485,8 @@ def load_sdunet(folder):
         with open(config_path) as f:
             config = json.load(f)
         state = safetensors.torch.load_file(weights_path)
-    except Exception as err:                    # a damaged config or weights file, however the library says it
-        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise ValueError(f'{folder}/unet is damaged: {type(err).__name__}: {detail}; {SD_FOLDER_HINT}') from None
+    except Exception as err:
+        raise damaged(os.path.join(folder, 'unet'), err) from None
     unet_config = unet_kwargs_from_config(config, config_path)
     with torch.device('meta'): # No time spent on a random init that the weights overwrite.
         unet = SDUNet(**unet_config)
@@ -496,18 +500,10 @@ def load_sdunet(folder):
     unet.load_state_dict(state, strict=True, assign=True)
     return unet, unet_config
 
-# The reverse of load_sdunet, for exporting a student: a diffusers UNet2DConditionModel folder (config.json with
-# every field SDUNet hard-wires written out, diffusion_pytorch_model.safetensors) that from_pretrained loads.
-def save_diffusers_unet(folder, state_dict, unet_config):
-    import safetensors.torch
-    config = dict(_class_name='UNet2DConditionModel', **SDUNET_FIXED_FIELDS, **{k: list(v) if isinstance(v, tuple) else v for k, v in unet_config.items()})
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, 'diffusion_pytorch_model.safetensors')
-    safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, path + '.tmp', metadata=dict(format='pt'))
-    os.replace(path + '.tmp', path)
-    with open(os.path.join(folder, 'config.json.tmp'), 'w') as f:
-        json.dump(config, f, indent=2)
-    os.replace(os.path.join(folder, 'config.json.tmp'), os.path.join(folder, 'config.json'))
+# The reverse of load_sdunet, for exporting a student: the config.json of a diffusers UNet2DConditionModel folder,
+# every field SDUNet hard-wires written out, so that from_pretrained loads it beside the state dict.
+def diffusers_unet_config(unet_config):
+    return dict(_class_name='UNet2DConditionModel', **SDUNET_FIXED_FIELDS, **{k: list(v) if isinstance(v, tuple) else v for k, v in unet_config.items()})
 
 def load_sd(folder, device='cpu', dtype=torch.float32):
     for name in SD_FOLDER_FILES:
@@ -520,12 +516,11 @@ def load_sd(folder, device='cpu', dtype=torch.float32):
     from transformers import CLIPTextModel, CLIPTokenizer
     unet, unet_config = load_sdunet(folder)
 
-    def pretrained(load, name, **kwargs):       # a damaged file in a subfolder is one line naming it
+    def pretrained(load, name, **kwargs):
         try:
             return load(os.path.join(folder, name), local_files_only=True, **kwargs)
         except Exception as err:
-            detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            raise ValueError(f'{os.path.join(folder, name)} cannot be loaded ({type(err).__name__}: {detail}); {SD_FOLDER_HINT}') from None
+            raise damaged(os.path.join(folder, name), err) from None
     vae = pretrained(AutoencoderKL.from_pretrained, 'vae', use_safetensors=True, torch_dtype=dtype)
     text_encoder = pretrained(CLIPTextModel.from_pretrained, 'text_encoder', use_safetensors=True, dtype=dtype)
     tokenizer = pretrained(CLIPTokenizer.from_pretrained, 'tokenizer')
