@@ -716,17 +716,7 @@ def run_figures(stats, options, fid=None):
         fig.tight_layout()
         figures.append((name, fig))
     if fid is not None and fid.get('snapshots'):
-        snaps = sorted(fid['snapshots'], key=lambda s: s['iteration'])
-        fig, ax = plt.subplots(figsize=(8, 3))
-        ax.plot([s['iteration'] for s in snaps], [s['fid'] for s in snaps], 'o-', label='FID of snapshot')
-        if fid.get('best'):
-            ax.plot([fid['best']['iteration']], [fid['best']['fid']], '*', markersize=14, color='tab:red', label=f'best: {fid["best"]["fid"]:.3g}')
-        ax.set_xlabel('iteration')
-        ax.set_ylabel(f'FID ({snaps[-1].get("num_images", "?")} images)')
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        figures.append(('fid', fig))
+        figures.append(('fid', fid_figure(fid['snapshots'], fid.get('best'))))
     return figures
 
 def cmd_plot(args):
@@ -740,12 +730,33 @@ def cmd_plot(args):
     fid = json.load(open(fid_path)) if os.path.isfile(fid_path) else None
     outdir = args.outdir or os.path.join(run, 'plots')
     os.makedirs(outdir, exist_ok=True)
-    import matplotlib.pyplot as plt
     for name, fig in run_figures(stats, options, fid):
         path = os.path.join(outdir, f'{name}.png')
-        training_loop.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110))
-        plt.close(fig)
+        save_figure(fig, path)
         print0(f'wrote {path}')
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    training_loop.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110))
+    plt.close(fig)
+
+# FID against iteration, the best snapshot starred: fid-snapshots.png (fid --snapshots) and plots/fid.png (plot).
+def fid_figure(entries, best):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    entries = sorted(entries, key=lambda e: e['iteration'])
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.plot([e['iteration'] for e in entries], [e['fid'] for e in entries], 'o-', markersize=3, label='FID of snapshot')
+    if best:
+        ax.plot([best['iteration']], [best['fid']], '*', color='tab:red', markersize=12, label=f'best: iteration {best["iteration"]}, FID {best["fid"]:.3g}')
+    ax.set_xlabel('iteration')
+    ax.set_ylabel(f'FID ({entries[-1].get("num_images", "?")} images)')
+    ax.set_yscale('log')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 #----------------------------------------------------------------------------
 # Command line. Every input is checked before any network runs; errors are one line.
@@ -925,23 +936,8 @@ def fid_of_snapshots(args, snapshots, prompts, seeds, detector, ref, device):
         print0(f'iteration {entries[-1]["iteration"]}  FID {entries[-1]["fid"]:.4f}  ({entries[-1]["num_images"]} images)')
         if get_rank() == 0:
             write_json(path_json, dict(snapshots=entries, best=dict(iteration=best['iteration'], path=best['path'], fid=best['fid']), ref=args.ref))
-            plot_fid_snapshots(entries, best, path_png)
+            save_figure(fid_figure(entries, best), path_png)
     print0(f'Best: iteration {best["iteration"]}, FID {best["fid"]:.4f} ({best["path"]}); wrote "{path_json}" and "{path_png}"')
-
-def plot_fid_snapshots(entries, best, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([e['iteration'] for e in entries], [e['fid'] for e in entries], 'o-', markersize=3)
-    ax.plot([best['iteration']], [best['fid']], '*', color='tab:red', markersize=12, label=f'best: iteration {best["iteration"]}, FID {best["fid"]:.2f}')
-    ax.set_xlabel('iteration')
-    ax.set_ylabel(f'FID ({entries[0]["num_images"]} images)')
-    ax.set_yscale('log')
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 # CLIP score of a folder/zip of images with their captions, or of a text-to-image source's images made on the fly.
 def cmd_clip(args):
