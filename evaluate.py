@@ -44,38 +44,19 @@ import torch
 import torch.distributed as dist
 
 import dataset
+import distributed
 import fdistill
+import flags
+import rundir
 import sd_unet
-import training_loop
+from distributed import gather_rows, get_rank, get_world_size, print0
 
 #----------------------------------------------------------------------------
-# Distributed helpers. torchrun's environment is read by training_loop.init_distributed (NCCL on GPUs,
-# gloo on CPU); plain python is a world of one.
+# Processes: torchrun's environment is read by distributed.init_distributed (NCCL on GPUs, gloo on CPU);
+# plain python is a world of one.
 
 def init_distributed():
-    return training_loop.init_distributed()[2]
-
-def get_rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-def get_world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-def print0(*args, **kwargs):
-    if get_rank() == 0:
-        print(*args, **kwargs, flush=True)
-
-# Rows of x from every rank, concatenated in rank order (ranks may hold different numbers of rows).
-def gather_rows(x):
-    if not dist.is_initialized():
-        return x
-    sizes = [torch.zeros([], dtype=torch.int64, device=x.device) for _ in range(get_world_size())]
-    dist.all_gather(sizes, torch.tensor(len(x), device=x.device))
-    padded = x.new_zeros([max(int(s) for s in sizes), *x.shape[1:]])
-    padded[:len(x)] = x
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)])
+    return distributed.init_distributed()[2]
 
 #----------------------------------------------------------------------------
 # Frechet Inception Distance (Heusel et al. 2017), computed as EDM's fid.py does:
@@ -138,7 +119,7 @@ def save_ref(path, mu, sigma, features=None):
         arrays['features'] = np.asarray(features, dtype=np.float32)
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    training_loop.atomic_write(path, lambda f: np.savez(f, **arrays))
+    rundir.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 def load_ref(path, need_features=False):
     if not os.path.isfile(path):
@@ -332,7 +313,7 @@ def sd_folder(args, ckpt):
 
 def load_checkpoint(path):
     path = find_checkpoint(path)
-    ckpt = training_loop.load_checkpoint(path, mmap=True)
+    ckpt = rundir.load_checkpoint(path, mmap=True)
     missing = [k for k in (T2I_KEYS if is_t2i(ckpt) else EDM_KEYS) if ckpt.get(k) is None]
     if missing:
         kind = 'a text-to-image generator (train_t2i.py)' if is_t2i(ckpt) else 'an EDM generator'
@@ -613,7 +594,9 @@ def weight_diagnostic(ckpt, teacher, seeds, batch_size, device):
         progress.update(len(batch_seeds))
     rows = torch.cat(rows) if rows else torch.zeros([0, 4], dtype=torch.float64, device=device)
     # Alg. 1 lines 6-9 on all N samples at once: ratio, per-bin stage 1, batch-mean stage 2 (global over ranks).
-    h, stats = fdistill.weights(rows[:, 2].float(), rows[:, 1].float(), fdistill.divergence(opts['f']), opts['r_min'], opts['r_max'], edges)
+    logits, sigma = rows[:, 2].float(), rows[:, 1].float()
+    h = fdistill.weights(logits, sigma, fdistill.divergence(opts['f']), opts['r_min'], opts['r_max'], edges)
+    stats = fdistill.weight_stats(logits, h, sigma, opts['r_min'], opts['r_max'], edges)
     rows = gather_rows(torch.cat([rows, fdistill.ratio(rows[:, 2], opts['r_min'], opts['r_max'])[:, None].double(), h[:, None].double()], 1))
     rows = rows[rows[:, 3].argsort()].cpu().numpy()
     table = dict(zip(('seed', 'sigma', 'logit', 'score_diff', 'r', 'h'), rows.T.tolist()))
@@ -737,7 +720,7 @@ def cmd_plot(args):
 
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
-    training_loop.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110))
+    rundir.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110))
     plt.close(fig)
 
 # FID against iteration, the best snapshot starred: fid-snapshots.png (fid --snapshots) and plots/fid.png (plot).
@@ -764,7 +747,7 @@ def fid_figure(entries, best):
 def write_json(path, data):
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    training_loop.atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
+    rundir.atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 PROMPTS_HINT = 'pass --captions FILE with one prompt per line (e.g. the MS-COCO 30k captions); seed s gets line s mod N'
 
@@ -1085,7 +1068,7 @@ def write_export(dest, weights_name, state_dict, config_name, config):
     import safetensors.torch
     data = safetensors.torch.save({k: v.contiguous() for k, v in state_dict.items()}, metadata=dict(format='pt'))
     os.makedirs(dest, exist_ok=True)
-    training_loop.atomic_write(os.path.join(dest, weights_name), lambda f: f.write(data))
+    rundir.atomic_write(os.path.join(dest, weights_name), lambda f: f.write(data))
     write_json(os.path.join(dest, config_name), config)
 
 def cmd_export(args):
@@ -1104,29 +1087,29 @@ def cmd_export(args):
         generator = load_generator(ckpt, 'cpu')
         write_export(args.dest, 'generator.safetensors', generator.net.state_dict(), 'generator.json', edm_nets.generator_spec(generator, info))
         readme = EDM_EXPORT_README.format(**info, dest=args.dest)
-    training_loop.atomic_write(os.path.join(args.dest, 'README.md'), lambda f: f.write(readme.encode()))
+    rundir.atomic_write(os.path.join(args.dest, 'README.md'), lambda f: f.write(readme.encode()))
     print0(f'Exported the {weights} weights of "{ckpt["path"]}" to "{args.dest}" (see its README.md)')
 
 def parse_args(argv=None):
-    parser = training_loop.ArgumentParser(description='Evaluate f-distill generators: images, FID, precision/recall, CLIP score, latency, Fig. 5.')
+    parser = flags.ArgumentParser(description='Evaluate f-distill generators: images, FID, precision/recall, CLIP score, latency, Fig. 5.')
     sub = parser.add_subparsers(dest='command', required=True)
 
     def source(p, teacher_help='EDM teacher .pkl: evaluate the teacher with its sampler instead of a run', captions_help=PROMPTS_HINT):
         p.add_argument('--ckpt', help='Run directory (its latest checkpoint-*.pt) or one checkpoint file; an EDM or a text-to-image (train_t2i.py) run')
         p.add_argument('--teacher', help=teacher_help)
         p.add_argument('--sampler', default='cifar10', choices=['cifar10', 'imagenet64'], help="EDM teacher sampler preset: EDM's 18-step Heun (35 NFE) or ImageNet's 256-step stochastic one")
-        p.add_argument('--steps', type=training_loop.positive_int, default=None, help=f'Teacher sampler steps (default: the EDM preset\'s; SD\'s DDIM: {SD_TEACHER_STEPS}, Table 4)')
+        p.add_argument('--steps', type=flags.positive_int, default=None, help=f'Teacher sampler steps (default: the EDM preset\'s; SD\'s DDIM: {SD_TEACHER_STEPS}, Table 4)')
         p.add_argument('--sd', help="Local diffusers-format SD v1.5 folder: alone, the SD teacher with DDIM; with a text-to-image --ckpt, overrides the checkpoint's folder")
         p.add_argument('--captions', help=captions_help)
         p.add_argument('--cfg', type=float, default=3.0, help='Classifier-free guidance of the SD teacher\'s DDIM (Table 4: 3); the one-step generator has it distilled in')
-        p.add_argument('--resolution', type=training_loop.positive_int, default=None, help='Text-to-image resolution in pixels (default: the run\'s --resolution; the SD teacher: its UNet\'s, 512)')
+        p.add_argument('--resolution', type=flags.positive_int, default=None, help='Text-to-image resolution in pixels (default: the run\'s --resolution; the SD teacher: its UNet\'s, 512)')
         p.add_argument('--bf16', action='store_true', help='bf16 autocast for the SD text encoder, UNet and VAE')
 
     p = sub.add_parser('generate', help='Write images of seeds to a PNG folder or .zip')
     source(p)
     p.add_argument('--outdir', required=True, help='Output folder, or a path ending in .zip; files are <seed>.png')
     p.add_argument('--seeds', default='0-63', help='Seeds, e.g. 0-49999 or 0-9,100-109')
-    p.add_argument('--batch', type=training_loop.positive_int, default=64, help='Images per batch and GPU')
+    p.add_argument('--batch', type=flags.positive_int, default=64, help='Images per batch and GPU')
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser('ref', help='Reference statistics of a dataset: EDM .npz (mu, sigma) plus features for precision/recall')
@@ -1134,7 +1117,7 @@ def parse_args(argv=None):
     p.add_argument('--dest', required=True, help='Output .npz')
     p.add_argument('--detector', required=True, help="NVIDIA's inception-2015-12-05.pt, or another TorchScript feature detector; TorchScript is a program that runs, so pass only a file you trust")
     p.add_argument('--no-features', action='store_true', help='Store only mu and sigma (no precision/recall later)')
-    p.add_argument('--batch', type=training_loop.positive_int, default=64, help='Images per batch and GPU')
+    p.add_argument('--batch', type=flags.positive_int, default=64, help='Images per batch and GPU')
     p.set_defaults(func=cmd_ref)
 
     p = sub.add_parser('fid', help='FID and precision/recall of a run, a teacher or an image folder against a reference')
@@ -1142,15 +1125,15 @@ def parse_args(argv=None):
     p.add_argument('--images', help='A folder/.zip of images to evaluate instead of generating')
     p.add_argument('--ref', required=True, help='Reference .npz (EDM format; with features for precision/recall) or a dataset folder/.zip')
     p.add_argument('--detector', required=True, help="NVIDIA's inception-2015-12-05.pt, or another TorchScript feature detector; TorchScript is a program that runs, so pass only a file you trust")
-    p.add_argument('--num-images', type=training_loop.positive_int, default=None, help='Images per set (default 50k, Tables 2-3; text-to-image: one per caption, e.g. MS-COCO 30k)')
-    p.add_argument('--repeats', type=training_loop.positive_int, default=1, help='Seed sets 0..num-1, num..2num-1, ...; the literature reports the min of 3')
+    p.add_argument('--num-images', type=flags.positive_int, default=None, help='Images per set (default 50k, Tables 2-3; text-to-image: one per caption, e.g. MS-COCO 30k)')
+    p.add_argument('--repeats', type=flags.positive_int, default=1, help='Seed sets 0..num-1, num..2num-1, ...; the literature reports the min of 3')
     p.add_argument('--seeds', help='Explicit seed sets, one per comma, e.g. 0-49999,50000-99999 (overrides --num-images/--repeats)')
     p.add_argument('--seed', type=int, default=0, help='With --images: which random subset of --num-images images when the folder holds more')
-    p.add_argument('--k', type=training_loop.positive_int, default=3, help='Neighbourhood size of precision/recall (Kynkaenniemi et al.: 3)')
+    p.add_argument('--k', type=flags.positive_int, default=3, help='Neighbourhood size of precision/recall (Kynkaenniemi et al.: 3)')
     p.add_argument('--no-pr', action='store_true', help='FID only (e.g. against an EDM .npz without features)')
     p.add_argument('--report', default='metrics.json', help='Output JSON: every set, and min/mean over sets')
     p.add_argument('--snapshots', action='store_true', help='Score every snapshot-*.pt of the run --ckpt RUN_DIR (FID on --num-images seeds each, e.g. 10000); writes RUN_DIR/fid-snapshots.json and .png, names the best')
-    p.add_argument('--batch', type=training_loop.positive_int, default=64, help='Images per batch and GPU')
+    p.add_argument('--batch', type=flags.positive_int, default=64, help='Images per batch and GPU')
     p.set_defaults(func=cmd_fid)
 
     p = sub.add_parser('clip', help='CLIP score (mean cosine of image and caption embeddings, Table 4) of images, or of a text-to-image source')
@@ -1159,13 +1142,13 @@ def parse_args(argv=None):
     p.add_argument('--seeds', help='Seeds to generate with a source (default: one per caption, 0..N-1)')
     p.add_argument('--clip-model', required=True, help='Local transformers CLIP model folder (config.json, weights, tokenizer, preprocessor)')
     p.add_argument('--report', default=None, help='Output JSON')
-    p.add_argument('--batch', type=training_loop.positive_int, default=32, help='Images per batch and GPU')
+    p.add_argument('--batch', type=flags.positive_int, default=32, help='Images per batch and GPU')
     p.set_defaults(func=cmd_clip)
 
     p = sub.add_parser('latency', help='Seconds per image at batch 1: one-step generator vs teacher sampler (Table 4)')
     source(p, teacher_help="EDM teacher .pkl (default: the run's options['teacher'])")
-    p.add_argument('--warmup', type=training_loop.non_negative_int, default=5, help='Untimed calls first')
-    p.add_argument('--repeats', type=training_loop.positive_int, default=20, help='Timed calls, averaged')
+    p.add_argument('--warmup', type=flags.non_negative_int, default=5, help='Untimed calls first')
+    p.add_argument('--repeats', type=flags.positive_int, default=20, help='Timed calls, averaged')
     p.add_argument('--report', default=None, help='Output JSON')
     p.set_defaults(func=cmd_latency)
 
@@ -1182,17 +1165,17 @@ def parse_args(argv=None):
     p = sub.add_parser('weights', help='Fig. 5: normalised h and score difference of N generated samples, sorted')
     p.add_argument('--ckpt', required=True, help='Run directory (its latest checkpoint-*.pt) or one checkpoint file')
     p.add_argument('--teacher', help="EDM teacher .pkl (default: the run's options['teacher'])")
-    p.add_argument('--num-images', type=training_loop.positive_int, default=6400, help='Generated samples (6.4k in Fig. 5)')
+    p.add_argument('--num-images', type=flags.positive_int, default=6400, help='Generated samples (6.4k in Fig. 5)')
     p.add_argument('--seed', type=int, default=0, help='First seed')
     p.add_argument('--outdir', default=None, help='Where weights-<checkpoint>.png/.json go (default: the run directory)')
-    p.add_argument('--batch', type=training_loop.positive_int, default=64, help='Samples per batch and GPU')
+    p.add_argument('--batch', type=flags.positive_int, default=64, help='Samples per batch and GPU')
     p.set_defaults(func=cmd_weights)
     return parser.parse_args(argv)
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        with training_loop.user_errors(f'evaluate.py {args.command}'):
+        with flags.user_errors(f'evaluate.py {args.command}'):
             args.func(args)
     finally:
         if dist.is_initialized():

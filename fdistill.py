@@ -114,11 +114,20 @@ def normalize_weight(h):
     stats = all_reduce(torch.stack([h.double().sum(), torch.tensor(float(h.numel()), dtype=torch.float64, device=h.device)]))
     return h / (stats[0] / stats[1]).float()
 
-# Alg. 1 lines 6-9, with the diagnostics users need to spot high-variance training (App. D.4).
+# Alg. 1 lines 6-9: clipped ratio, stage-1 and stage-2 normalisation, h_bar.
 @torch.no_grad()
 def weights(logits, sigma, div, r_min, r_max, edges, running=None, beta=0.0):
     r = ratio(logits.detach().flatten(), r_min, r_max)
-    h_bar = normalize_weight(div.h(normalize_ratio(r, sigma, edges, running, beta)))
+    return normalize_weight(div.h(normalize_ratio(r, sigma, edges, running, beta)))
+
+#----------------------------------------------------------------------------
+# Diagnostics of the weights, which users need to spot high-variance training (App. D.4): r and h_bar (mean,
+# min, max), the share of r at the clip, the effective sample size of h_bar, and its spread per sigma bin.
+# All-reduced: the same on every process.
+
+@torch.no_grad()
+def weight_stats(logits, h_bar, sigma, r_min, r_max, edges):
+    r = ratio(logits.detach().flatten(), r_min, r_max)
     clipped = ((r <= r_min * (1 + 1e-6)) | (r >= r_max * (1 - 1e-6))).float()
     sums = all_reduce(torch.stack([r.sum(), clipped.sum(), h_bar.sum(), h_bar.square().sum(), torch.tensor(float(r.numel()), device=r.device)]).double())
     mins = all_reduce(torch.stack([r.min(), h_bar.min()]), dist.ReduceOp.MIN)
@@ -126,7 +135,7 @@ def weights(logits, sigma, div, r_min, r_max, edges, running=None, beta=0.0):
     n = sums[4]
     stats = dict(r_mean=sums[0] / n, r_min=mins[0], r_max=maxs[0], r_clipped=sums[1] / n,
                  h_mean=sums[2] / n, h_min=mins[1], h_max=maxs[1], h_ess=sums[2] ** 2 / (n * sums[3]))
-    return h_bar, {k: float(v) for k, v in stats.items()} | weight_bins(h_bar, sigma, edges)
+    return {k: float(v) for k, v in stats.items()} | weight_bins(h_bar, sigma, edges)
 
 # Per-sigma-bin diagnostics, on the stage-1 bins: can the discriminator tell the critic's real batch from its
 # generated one at each noise level (accuracy 0.5 = chance, where r ~ 1 and every f weights like reverse-KL),
@@ -166,10 +175,6 @@ def fdistill_loss(y, D_teacher, D_fake, h, w=None):
         w = torch.as_tensor(w, device=y.device)
         grad = torch.nan_to_num(w.reshape(shape) * h.reshape(shape) * (D_fake - D_teacher))
     return 0.5 * F.mse_loss(y.float(), (y - grad).detach().float())
-
-# Classifier-free guidance for the teacher denoiser (App. D.5): D_uncond + s * (D_cond - D_uncond).
-def cfg_denoiser(D_cond, D_uncond, scale):
-    return D_uncond + scale * (D_cond - D_uncond)
 
 #----------------------------------------------------------------------------
 # The auxiliary losses: fake-score denoising score matching, non-saturating GAN, R1.
@@ -236,45 +241,90 @@ class DiscriminatorHead(torch.nn.Module):
         return torch.stack(logits).mean(0)
 
 #----------------------------------------------------------------------------
-# One generator step and one critic step of Alg. 1, given generator samples y and the noise.
-# The caller draws sigma and noise, so every process can slice one global batch of random numbers.
+# One generator step and one critic step of Alg. 1, given generator samples y and the step's random numbers.
+# The caller draws them, so every process can slice one global batch of random numbers.
+
+# The random numbers of a generator step, one row per sample.
+class GeneratorNoise(NamedTuple):
+    sigma:      torch.Tensor            # [B] noise level of Eq. 4, one of DMD2's levels 2%-98% (sample_sigma).
+    noise:      torch.Tensor            # [B, ...] eps ~ N(0, I): x = y + sigma * eps.
+
+# The random numbers of a critic step, one row per sample.
+class CriticNoise(NamedTuple):
+    sigma_dsm:  torch.Tensor            # [B] noise level of the fake score's DSM (DMD2: all levels).
+    noise_dsm:  torch.Tensor            # [B, ...] its eps.
+    sigma_gan:  torch.Tensor            # [B] noise level of the discriminator's inputs, real and generated (as r is read at).
+    noise_fake: torch.Tensor            # [B, ...] eps of the generated input.
+    noise_real: torch.Tensor            # [B, ...] eps of the real input.
+    noise_r1:   torch.Tensor = None     # [B, ...] direction of the finite-difference R1; None for exact R1.
+
+# How the density ratio is clipped and normalised in stage 1 (Alg. 1 lines 6-7).
+class RatioNorm(NamedTuple):
+    r_min:      float                   # Lower clip of r.
+    r_max:      float                   # Upper clip of r.
+    edges:      torch.Tensor            # Stage-1 sigma bin edges (sigma_bin_edges).
+    running:    torch.Tensor = None     # Per-bin running means of r, updated in place; None = this batch only.
+    beta:       float = 0.0             # EMA decay of the running means.
 
 # Alg. 1 lines 6-12: f-distill loss + w_GAN * generator GAN loss. The logits the GAN loss needs
 # give r for free; the teacher runs once, with gradients to y through its features only.
-# w is Eq. 4's per-sample weight; None means DMD's normaliser (fdistill_loss).
-def generator_loss(y, sigma, noise, teacher, fake_score, head, div, r_min, r_max, edges, w_gan, ratio_means=None, ratio_ema=0.0, w=None):
+def generator_loss(*,
+    y,                  # [B, ...] generator samples G(z) (Alg. 1 line 4), with their graph.
+    draws,              # GeneratorNoise: sigma and eps of x = y + sigma * eps (Eq. 4).
+    teacher,            # teacher(x, sigma) -> (D_x, features): frozen s_phi.
+    fake_score,         # fake_score(x, sigma) -> D_x: online s_psi, no gradient here.
+    head,               # head(features) -> logits [B]: D_lambda; the caller freezes its parameters.
+    div,                # Divergence: h(r) of Table 1.
+    ratio_norm,         # RatioNorm: clip and stage-1 bins of r (Alg. 1 lines 6-7).
+    w_gan,              # Weight of the generator's GAN loss (Alg. 1 line 12).
+    w           = None, # Eq. 4's per-sample weight; None = DMD's normaliser (fdistill_loss).
+):
     shape = (-1,) + (1,) * (y.ndim - 1)
-    x_t = y + sigma.reshape(shape) * noise                  # Eq. 4: x = G(z) + sigma * eps
+    sigma = draws.sigma.reshape(shape)
+    x_t = y + sigma * draws.noise                           # Eq. 4: x = G(z) + sigma * eps
     with torch.set_grad_enabled(w_gan > 0):
-        D_teacher, features = teacher(x_t, sigma.reshape(shape))
+        D_teacher, features = teacher(x_t, sigma)
         logits = head(features)
     with torch.no_grad():
-        D_fake = fake_score(x_t.detach(), sigma.reshape(shape))
-    h_bar, stats = weights(logits, sigma, div, r_min, r_max, edges, ratio_means, ratio_ema)
+        D_fake = fake_score(x_t.detach(), sigma)
+    h_bar = weights(logits, draws.sigma, div, *ratio_norm)
     loss_fdistill = fdistill_loss(y, D_teacher.detach(), D_fake, h_bar, w)
     loss_gan = gan_generator_loss(logits)
+    stats = weight_stats(logits, h_bar, draws.sigma, ratio_norm.r_min, ratio_norm.r_max, ratio_norm.edges)
     stats.update(loss_fdistill=loss_fdistill.item(), loss_gan_g=loss_gan.item())
     return loss_fdistill + w_gan * loss_gan, stats
 
 # Alg. 1 lines 14-15: the fake score learns the generator's distribution by DSM; the head learns
 # real-vs-generated on teacher features, plus gamma/2 * R1 on the noised real inputs: exact, or with
-# r1_alpha > 0 by finite differences along noise_r1.
-def critic_loss(y, x_real, sigma_dsm, noise_dsm, sigma_gan, noise_fake, noise_real, teacher, fake_score, head, gamma, sigma_data=0.5, edges=None,
-                dsm_weight=None, r1_alpha=0, noise_r1=None):
+# r1_alpha > 0 by finite differences along draws.noise_r1.
+def critic_loss(*,
+    y,                  # [B, ...] generator samples (Alg. 1 line 4); no gradient reaches the generator.
+    x_real,             # [B, ...] real samples x ~ p_data (Alg. 1 line 3).
+    draws,              # CriticNoise: sigmas and eps of the DSM and GAN inputs.
+    teacher,            # teacher(x, sigma) -> (D_x, features): frozen s_phi; only the features are read.
+    fake_score,         # fake_score(x, sigma) -> D_x: online s_psi, trained here.
+    head,               # head(features) -> logits [B]: D_lambda, trained here.
+    gamma,              # R1 weight: the loss adds gamma/2 * R1; 0 = off.
+    r1_alpha    = 0,    # > 0: R1 by finite differences with perturbation r1_alpha * noise_r1 (FastGen).
+    sigma_data  = 0.5,  # EDM's sigma_data of the DSM weighting.
+    dsm_weight  = None, # dsm_weight(sigma) -> lambda(sigma) of the DSM; None = EDM's.
+    edges       = None, # Stage-1 sigma bins: per-bin discriminator accuracy in the stats; None = overall only.
+):
     shape = (-1,) + (1,) * (y.ndim - 1)
     y = y.detach()
-    loss_dsm = fake_score_loss(fake_score, y, sigma_dsm, noise_dsm, sigma_data, dsm_weight)
+    loss_dsm = fake_score_loss(fake_score, y, draws.sigma_dsm, draws.noise_dsm, sigma_data, dsm_weight)
+    sigma_gan = draws.sigma_gan.reshape(shape)
     with torch.no_grad():
-        _, features_fake = teacher(y + sigma_gan.reshape(shape) * noise_fake, sigma_gan.reshape(shape))
+        _, features_fake = teacher(y + sigma_gan * draws.noise_fake, sigma_gan)
     exact_r1 = gamma > 0 and not r1_alpha > 0
-    x_real_t = (x_real + sigma_gan.reshape(shape) * noise_real).detach().requires_grad_(exact_r1)
+    x_real_t = (x_real + sigma_gan * draws.noise_real).detach().requires_grad_(exact_r1)
     # Exact R1 differentiates through the teacher twice; fused attention kernels have no double backward.
     with torch.set_grad_enabled(exact_r1), sdpa_kernel(SDPBackend.MATH) if exact_r1 else contextlib.nullcontext():
-        _, features_real = teacher(x_real_t, sigma_gan.reshape(shape))
+        _, features_real = teacher(x_real_t, sigma_gan)
     features = [features_real, features_fake]
     if gamma > 0 and r1_alpha > 0:
         with torch.no_grad():
-            features.append(teacher(x_real_t + r1_alpha * noise_r1, sigma_gan.reshape(shape))[1])
+            features.append(teacher(x_real_t + r1_alpha * draws.noise_r1, sigma_gan)[1])
     logits = head([torch.cat(f) for f in zip(*features)])                                      # one call: DDP-friendly
     logits_real, logits_fake, logits_perturbed = logits.split([len(x_real), len(y), len(logits) - len(x_real) - len(y)])
     loss_gan = gan_discriminator_loss(logits_real, logits_fake)
@@ -285,7 +335,7 @@ def critic_loss(y, x_real, sigma_dsm, noise_dsm, sigma_gan, noise_fake, noise_re
     stats = dict(loss_dsm=loss_dsm.item(), loss_gan_d=loss_gan.item(), loss_r1=loss_r1.item(),
                  logit_real=logits_real.mean().item(), logit_fake=logits_fake.mean().item())
     if edges is not None:
-        stats.update(discriminator_bins(logits_real, logits_fake, sigma_gan, edges))
+        stats.update(discriminator_bins(logits_real, logits_fake, draws.sigma_gan, edges))
     return loss_dsm + loss_gan + 0.5 * gamma * loss_r1, stats
 
 #----------------------------------------------------------------------------

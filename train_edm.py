@@ -14,21 +14,24 @@ import torch.nn.functional as F
 
 import dataset
 import edm_nets
+import distributed
 import fdistill
+import flags
+import rundir
 import training_loop
 
 #----------------------------------------------------------------------------
-# Flags of the EDM task (the loop's own flags come from training_loop.parse_args).
+# Flags of the EDM task (the loop's own flags come from flags.parse_args).
 
 def add_edm_args(p):
     p.add_argument('--teacher',         default=None,               help='EDM teacher pickle, e.g. edm-imagenet-64x64-cond-adm.pkl')
     p.add_argument('--data',            default=None,               help='Real images for the GAN: zip or folder from EDM\'s dataset_tool.py')
-    p.add_argument('--sigma-init',      default=80.0, type=training_loop.non_negative_float, help='Generator G(z) = D(sigma_init * z, sigma_init)')
+    p.add_argument('--sigma-init',      default=80.0, type=flags.non_negative_float, help='Generator G(z) = D(sigma_init * z, sigma_init)')
     p.add_argument('--random-teacher',  action='store_true',        help='Benchmark only: the preset architecture with random weights, synthetic data')
-    p.add_argument('--reg-weight',      default=0.0, type=training_loop.non_negative_float, help='Weight of DMD\'s LPIPS regression to teacher ODE pairs; 0 = off (paper setting)')
-    p.add_argument('--reg-pairs',       default=10000, type=training_loop.positive_int, help='Number of (z, teacher ODE sample) pairs, generated once and cached')
-    p.add_argument('--reg-batch',       default=16, type=training_loop.positive_int, help='Regression pairs per GPU per generator step')
-    p.add_argument('--reg-steps',       default=18, type=training_loop.positive_int, help='Heun steps of the teacher sampler for the pairs (18 = 35 NFE)')
+    p.add_argument('--reg-weight',      default=0.0, type=flags.non_negative_float, help='Weight of DMD\'s LPIPS regression to teacher ODE pairs; 0 = off (paper setting)')
+    p.add_argument('--reg-pairs',       default=10000, type=flags.positive_int, help='Number of (z, teacher ODE sample) pairs, generated once and cached')
+    p.add_argument('--reg-batch',       default=16, type=flags.positive_int, help='Regression pairs per GPU per generator step')
+    p.add_argument('--reg-steps',       default=18, type=flags.positive_int, help='Heun steps of the teacher sampler for the pairs (18 = 35 NFE)')
     p.add_argument('--lpips-vgg',       default=None,               help='torchvision VGG-16 weights (vgg16-397923af.pth) for LPIPS; needed with --reg-weight')
 
 #----------------------------------------------------------------------------
@@ -138,15 +141,15 @@ def regression_pairs(opts, teacher, cond, shape, device, rank, world):
             z = rnd.randn([len(chunk), *shape], device=device)
             with torch.no_grad():
                 images.append(edm_nets.edm_sampler(teacher, z, cond(chunk), num_steps=opts.reg_steps).float().cpu())
-        training_loop.atomic_write(part, lambda f: torch.save(torch.cat(images), f))
-        training_loop.barrier()
+        rundir.atomic_write(part, lambda f: torch.save(torch.cat(images), f))
+        distributed.barrier()
         if rank == 0:
             parts = [torch.load(f'{path}.part{r}', weights_only=True) for r in range(world)]
             x = torch.empty((len(seeds), *shape))
             for r in range(world):
                 x[r::world] = parts[r]
-            training_loop.atomic_write(path, lambda f: torch.save(x, f))
-        training_loop.barrier()
+            rundir.atomic_write(path, lambda f: torch.save(x, f))
+        distributed.barrier()
         os.remove(part)
     return torch.load(path, map_location='cpu', weights_only=True)
 
@@ -166,8 +169,8 @@ def regression_loss(opts, teacher, cond, shape, device, rank, world):
 #----------------------------------------------------------------------------
 
 def main(description, preset, argv=None):
-    with training_loop.user_errors(os.path.basename(sys.argv[0])):
-        opts = training_loop.parse_args(description, preset, add_edm_args, argv)
+    with flags.user_errors(os.path.basename(sys.argv[0])):
+        opts = flags.parse_args(description, preset, add_edm_args, argv)
         training_loop.main(opts, lambda opts, device, rank, world: build_task(opts, preset, device, rank, world))
 
 #----------------------------------------------------------------------------

@@ -19,7 +19,9 @@ import numpy as np
 import PIL.Image
 import torch
 
+import distributed
 import fdistill
+import flags
 import sd_unet
 import training_loop
 
@@ -43,9 +45,9 @@ def add_t2i_args(p):
     p.add_argument('--sd',              default=None,               help='Local diffusers-format SD v1.5 folder (unet/, vae/, text_encoder/, tokenizer/)')
     p.add_argument('--data',            default=None,               help='Image-caption pairs: a .jsonl ({"image", "caption"}), a .csv (image,caption) or a folder of images with .txt captions')
     p.add_argument('--cfg',             default=1.75, type=float,   help='Classifier-free guidance of the teacher denoiser (Table 5)')
-    p.add_argument('--resolution',      default=512, type=training_loop.positive_int, help='Image resolution; latents are resolution / 8')
+    p.add_argument('--resolution',      default=512, type=flags.positive_int, help='Image resolution; latents are resolution / 8')
     p.add_argument('--grad-ckpt',       action='store_true',        help='Gradient checkpointing in all three UNets')
-    p.add_argument('--encode-batch',    default=16, type=training_loop.positive_int, help='Images per VAE call when caching latents')
+    p.add_argument('--encode-batch',    default=16, type=flags.positive_int, help='Images per VAE call when caching latents')
 
 #----------------------------------------------------------------------------
 # Image-caption pairs from local disk, validated before any compute.
@@ -95,7 +97,7 @@ def cached_latents(opts, pairs, vae, latent_shape, device, rank, world):
         if rank == 0:
             os.makedirs(opts.outdir, exist_ok=True)
             np.lib.format.open_memmap(path + '.tmp', mode='w+', dtype=np.float16, shape=shape).flush()
-        training_loop.barrier()
+        distributed.barrier()
         cache = np.lib.format.open_memmap(path + '.tmp', mode='r+')
         mine = np.arange(rank, len(pairs), world)
         for chunk in np.array_split(mine, max(1, len(mine) // opts.encode_batch)):
@@ -103,10 +105,10 @@ def cached_latents(opts, pairs, vae, latent_shape, device, rank, world):
             cache[chunk] = sd_unet.vae_encode(vae, images.to(device)).float().cpu().numpy()
         cache.flush()
         del cache
-        training_loop.barrier()
+        distributed.barrier()
         if rank == 0:
             os.replace(path + '.tmp', path)
-        training_loop.barrier()
+        distributed.barrier()
     cache = np.load(path, mmap_mode='r')
     if cache.shape != shape:
         raise ValueError(f'{path} holds latents of shape {cache.shape}, expected {shape}; delete it to re-encode --data')
@@ -175,7 +177,7 @@ def trainable_copy(unet, grad_ckpt):
 #----------------------------------------------------------------------------
 
 if __name__ == '__main__':
-    with training_loop.user_errors('train_t2i.py'):
-        training_loop.main(training_loop.parse_args(__doc__, PRESET, add_t2i_args), build_task)
+    with flags.user_errors('train_t2i.py'):
+        training_loop.main(flags.parse_args(__doc__, PRESET, add_t2i_args), build_task)
 
 #----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """One rank of the 2-process gloo run in tests/test_fdistill.py::test_ddp_weights_match_one_process.
 
 python tests/ddp_weights_worker.py RANK WORLD_SIZE INIT_FILE INPUTS OUTPUT
-Loads the global batch from INPUTS, keeps its own contiguous share, computes fdistill.weights() under
+Loads the global batch from INPUTS, keeps its own contiguous share, computes fdistill.weights() and weight_stats() under
 torch.distributed and saves (h_bar of its share, diagnostics) to OUTPUT.
 """
 
@@ -21,8 +21,9 @@ def main(rank, world_size, init_file, inputs, output):
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
     batch = torch.load(inputs, map_location='cpu', weights_only=True)
     share = lambda x: x.chunk(world_size)[rank]
-    h_bar, stats = fdistill.weights(share(batch['logits']), share(batch['sigma']), fdistill.divergence(batch['f']),
-                                    batch['r_min'], batch['r_max'], batch['edges'])
+    logits, sigma = share(batch['logits']), share(batch['sigma'])
+    h_bar = fdistill.weights(logits, sigma, fdistill.divergence(batch['f']), batch['r_min'], batch['r_max'], batch['edges'])
+    stats = fdistill.weight_stats(logits, h_bar, sigma, batch['r_min'], batch['r_max'], batch['edges'])
     torch.save(dict(h_bar=h_bar, stats=stats), output)
     dist.barrier()
     dist.destroy_process_group()

@@ -14,21 +14,22 @@ import edm_nets
 import evaluate
 import fixtures
 import train_cifar
+import flags
+import rundir
 import train_edm
-import training_loop
 
 #----------------------------------------------------------------------------
 # One mechanism for every entry point: `prog: error: message`, exit status 2; library errors keep their traceback.
 
 def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
     with pytest.raises(SystemExit) as exit:
-        with training_loop.user_errors('train_cifar.py'):
+        with flags.user_errors('train_cifar.py'):
             dataset.ImageDataset('x.zip')
     message = "train_cifar.py: error: Dataset not found: x.zip (pass a zip or folder of PNGs made by EDM's dataset_tool.py)"
     assert exit.value.code == 2 and str(exit.value) == message
     assert capsys.readouterr().err == message + '\n'
     with pytest.raises(json.JSONDecodeError):                     # a ValueError inside a library: a bug, not a user error
-        with training_loop.user_errors('train_cifar.py'):
+        with flags.user_errors('train_cifar.py'):
             json.loads('{')
     assert capsys.readouterr().err == ''
 
@@ -45,7 +46,7 @@ BAD_FLAGS = [(['--keep', '-1'], '--keep: must be a positive integer, got -1'),
 @pytest.mark.parametrize('args,expect', BAD_FLAGS, ids=[a[0] for a, _ in BAD_FLAGS])
 def test_zero_negative_or_non_finite_flags_are_errors(args, expect, capsys):
     with pytest.raises(SystemExit) as exit:
-        training_loop.parse_args('test', train_cifar.PRESET, train_edm.add_edm_args, args)
+        flags.parse_args('test', train_cifar.PRESET, train_edm.add_edm_args, args)
     assert exit.value.code == 2 and expect in capsys.readouterr().err.strip().splitlines()[-1]
 
 def test_evaluate_counts_of_zero_are_errors(capsys):
@@ -64,8 +65,8 @@ def test_checkpoint_checksum_truncation_and_non_finite_weights(tmp_path):
     state = dict(iteration=3, options=dict(f='fkl', disc_res=[8, 4]), generator={'w': torch.randn(64, 64), 'b': torch.zeros(64, dtype=torch.bfloat16)},
                  opt_g={'state': {0: {'step': torch.tensor(3.0), 'exp_avg': torch.randn(64)}}, 'param_groups': [{'lr': 1e-4, 'params': [0]}]})
     path = str(tmp_path / 'checkpoint-0000003.pt')
-    training_loop.save_checkpoint(path, state)
-    loaded = training_loop.load_checkpoint(path)
+    rundir.save_checkpoint(path, state)
+    loaded = rundir.load_checkpoint(path)
     assert loaded.keys() == state.keys() and torch.equal(loaded['generator']['w'], state['generator']['w'])
     raw = bytearray(open(path, 'rb').read())
     offset = raw.find(state['generator']['w'].numpy().tobytes()[:64])     # the weight's bytes, stored uncompressed
@@ -74,17 +75,17 @@ def test_checkpoint_checksum_truncation_and_non_finite_weights(tmp_path):
     open(path, 'wb').write(bytes(raw))
     assert torch.load(path, weights_only=True)['iteration'] == 3         # torch itself does not notice
     with pytest.raises(ValueError, match='fails its checksum: its bytes changed after it was written'):
-        training_loop.load_checkpoint(path)
+        rundir.load_checkpoint(path)
     open(path, 'wb').write(bytes(raw[:len(raw) // 2]))
     with pytest.raises(ValueError, match='is truncated or corrupt'):
-        training_loop.load_checkpoint(path)
+        rundir.load_checkpoint(path)
     state['generator']['w'][5, 7] = float('nan')
     with pytest.raises(FloatingPointError, match='generator/w is not finite'):
-        training_loop.save_checkpoint(str(tmp_path / 'nan.pt'), state)
+        rundir.save_checkpoint(str(tmp_path / 'nan.pt'), state)
     assert not list(tmp_path.glob('nan.pt*'))
     torch.save(state, tmp_path / 'nan.pt')                                # written by other means
     with pytest.raises(ValueError, match='generator/w is not finite'):
-        training_loop.load_checkpoint(str(tmp_path / 'nan.pt'))
+        rundir.load_checkpoint(str(tmp_path / 'nan.pt'))
 
 def test_evaluate_reports_a_damaged_checkpoint_in_one_line(tmp_path, capsys):
     (tmp_path / 'checkpoint-0000001.pt').write_bytes(b'PK\x03\x04 not really a checkpoint')

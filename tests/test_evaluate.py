@@ -13,7 +13,7 @@ import edm_nets
 import evaluate
 import fdistill
 import fixtures
-import training_loop
+import rundir
 
 #----------------------------------------------------------------------------
 # Frechet distance against independent truths.
@@ -454,9 +454,9 @@ def test_t2i_missing_inputs_fail_with_one_line_before_sampling(t2i, tmp_path, mo
         raise AssertionError('inputs must be checked before any network is loaded')
     monkeypatch.setattr(evaluate, 'init_distributed', no_sampling)
     out = ['--outdir', str(tmp_path / 'out')]
-    moved = training_loop.load_checkpoint(os.path.join(t2i['run'], 'checkpoint-0000001.pt'))
+    moved = rundir.load_checkpoint(os.path.join(t2i['run'], 'checkpoint-0000001.pt'))
     moved['sd'] = str(tmp_path / 'gone')                                  # trained on another machine
-    training_loop.save_checkpoint(str(tmp_path / 'checkpoint-0000001.pt'), moved)
+    rundir.save_checkpoint(str(tmp_path / 'checkpoint-0000001.pt'), moved)
     cases = [(['--ckpt', t2i['run'], '--sd', str(tmp_path / 'nosd'), '--captions', t2i['prompts']], 'nosd/unet/config.json not found; a diffusers-format'),
              (['--ckpt', str(tmp_path / 'checkpoint-0000001.pt'), '--captions', t2i['prompts']], 'pass --sd FOLDER'),
              (['--ckpt', t2i['run'], '--captions', str(tmp_path / 'none.txt')], 'Captions file'),

@@ -199,15 +199,19 @@ def test_surrogate_with_unit_h_is_dmd2():
     torch.testing.assert_close(grad, grad_dmd2, rtol=1e-5, atol=1e-9)
 
 # Teacher classifier-free guidance (App. D.5) on denoisers is guidance on scores, since D = x + sigma^2 s.
+# (The project guides eps-predictions in sd_unet.cfg_eps; this is the same formula on denoisers.)
+def cfg_denoiser(D_cond, D_uncond, scale):
+    return D_uncond + scale * (D_cond - D_uncond)
+
 def test_cfg_denoiser_is_guidance_on_scores():
     gen = torch.Generator().manual_seed(3)
     x, D_cond, D_uncond = torch.randn(3, 2, 3, 4, 4, generator=gen, dtype=f64)
     sigma = 0.7
-    torch.testing.assert_close(fdistill.cfg_denoiser(D_cond, D_uncond, 1.0), D_cond)
-    torch.testing.assert_close(fdistill.cfg_denoiser(D_cond, D_uncond, 0.0), D_uncond)
+    torch.testing.assert_close(cfg_denoiser(D_cond, D_uncond, 1.0), D_cond)
+    torch.testing.assert_close(cfg_denoiser(D_cond, D_uncond, 0.0), D_uncond)
     score = lambda D: (D - x) / sigma ** 2
     guided = score(D_uncond) + 2.5 * (score(D_cond) - score(D_uncond))
-    torch.testing.assert_close(score(fdistill.cfg_denoiser(D_cond, D_uncond, 2.5)), guided)
+    torch.testing.assert_close(score(cfg_denoiser(D_cond, D_uncond, 2.5)), guided)
 
 #----------------------------------------------------------------------------
 # Density ratio (Alg. 1 line 6) and the two-stage normalisation (Sec. 4, Alg. 1 lines 7-9).
@@ -264,7 +268,8 @@ def test_weights_and_diagnostics(name):
     edges = fdistill.sigma_bin_edges(levels, NUM_BINS)
     sigma = continuous_sigma(512, gen)
     logits = torch.randn(512, generator=gen) * 2.5                      # about 7% beyond log(r_min), log(r_max)
-    h_bar, stats = fdistill.weights(logits, sigma, fdistill.divergence(name), R_MIN, R_MAX, edges)
+    h_bar = fdistill.weights(logits, sigma, fdistill.divergence(name), R_MIN, R_MAX, edges)
+    stats = fdistill.weight_stats(logits, h_bar, sigma, R_MIN, R_MAX, edges)
     expected, r = weights_by_hand(logits, sigma, name, edges)
     torch.testing.assert_close(h_bar.double(), expected, rtol=1e-5, atol=1e-7)
     clipped = ((logits <= math.log(R_MIN)) | (logits >= math.log(R_MAX))).double().mean().item()
@@ -318,14 +323,15 @@ def test_ddp_weights_match_one_process(tmp_path):
     assert [proc.returncode for proc in procs] == [0, 0], outputs
     ranks = [torch.load(tmp_path / f'rank{rank}.pt', weights_only=True) for rank in range(2)]
     div = fdistill.divergence('fkl')
-    h_bar, stats = fdistill.weights(batch['logits'], batch['sigma'], div, R_MIN, R_MAX, batch['edges'])
+    h_bar = fdistill.weights(batch['logits'], batch['sigma'], div, R_MIN, R_MAX, batch['edges'])
+    stats = fdistill.weight_stats(batch['logits'], h_bar, batch['sigma'], R_MIN, R_MAX, batch['edges'])
     # h_bar: float64 bin and batch sums, rounded to float32 twice, so a few ulp (1.2e-7 each) apart at most.
     torch.testing.assert_close(torch.cat([out['h_bar'] for out in ranks]), h_bar, rtol=1e-6, atol=0)
     # The diagnostics sum r and h_bar in float32 before the float64 all-reduce: 256 positive terms in another
     # order differ by at most 255 * 6e-8 = 1.5e-5 relative.
     for out in ranks:
         assert out['stats'] == pytest.approx(stats, rel=3e-5)
-    h_local, _ = fdistill.weights(batch['logits'][:128], batch['sigma'][:128], div, R_MIN, R_MAX, batch['edges'])
+    h_local = fdistill.weights(batch['logits'][:128], batch['sigma'][:128], div, R_MIN, R_MAX, batch['edges'])
     assert (h_local - h_bar[:128]).abs().max() > 0.05, 'halves too alike: a missing all-reduce would go unnoticed'
 
 #----------------------------------------------------------------------------
@@ -430,8 +436,8 @@ def test_generator_loss_is_dmd2_times_weight_plus_gan(name):
     generator, teacher, fake, fake_score, head, edges, z, noise, sigma = tiny_setup()
     head.requires_grad_(False)              # the loop freezes the head for the generator step
     w_gan = 0.03
-    loss, stats = fdistill.generator_loss(generator(z), sigma, noise, teacher, fake_score, head,
-                                          fdistill.divergence(name), R_MIN, R_MAX, edges, w_gan)
+    loss, stats = fdistill.generator_loss(y=generator(z), draws=fdistill.GeneratorNoise(sigma, noise), teacher=teacher, fake_score=fake_score,
+                                          head=head, div=fdistill.divergence(name), ratio_norm=fdistill.RatioNorm(R_MIN, R_MAX, edges), w_gan=w_gan)
     grads = torch.autograd.grad(loss, list(generator.parameters()))
     # independent: DMD2's loss (rkl, h = 1) or DMD2's per-sample gradient times h_bar from Table 1's h (js),
     # plus the non-saturating GAN term through the teacher's features
@@ -457,13 +463,14 @@ def test_generator_loss_is_dmd2_times_weight_plus_gan(name):
 # (through the GAN term), so the training loop has to freeze its parameters for the generator step.
 def test_generator_loss_reaches_head_only_when_not_frozen():
     generator, teacher, fake, fake_score, head, edges, z, noise, sigma = tiny_setup()
-    args = (sigma, noise, teacher, fake_score, head, fdistill.divergence('js'), R_MIN, R_MAX, edges, 0.03)
-    fdistill.generator_loss(generator(z), *args)[0].backward()
+    args = dict(draws=fdistill.GeneratorNoise(sigma, noise), teacher=teacher, fake_score=fake_score, head=head,
+                div=fdistill.divergence('js'), ratio_norm=fdistill.RatioNorm(R_MIN, R_MAX, edges), w_gan=0.03)
+    fdistill.generator_loss(y=generator(z), **args)[0].backward()
     assert all(p.grad is not None for p in head.parameters())
     assert all(p.grad is None for p in fake.parameters())
     head.zero_grad(set_to_none=True)
     head.requires_grad_(False)
-    fdistill.generator_loss(generator(z), *args)[0].backward()
+    fdistill.generator_loss(y=generator(z), **args)[0].backward()
     assert all(p.grad is None for p in head.parameters())
     assert all(p.grad is not None for p in generator.parameters())
 
@@ -474,8 +481,8 @@ def test_critic_loss_trains_critics_not_generator():
     sigma_dsm, sigma_gan = torch.rand(2, 6, generator=gen) * 2 + 0.01
     gamma = 0.5
     y = generator(z)
-    loss, stats = fdistill.critic_loss(y, x_real, sigma_dsm, noise_dsm, sigma_gan, noise_fake, noise_real,
-                                       teacher, fake_score, head, gamma, edges=edges)
+    loss, stats = fdistill.critic_loss(y=y, x_real=x_real, draws=fdistill.CriticNoise(sigma_dsm, noise_dsm, sigma_gan, noise_fake, noise_real),
+                                       teacher=teacher, fake_score=fake_score, head=head, gamma=gamma, edges=edges)
     loss.backward()
     assert y.grad_fn is not None and all(p.grad is None for p in generator.parameters())
     assert all(p.grad is not None for p in fake.parameters()) and all(p.grad is not None for p in head.parameters())

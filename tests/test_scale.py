@@ -88,8 +88,8 @@ def test_generator_and_critic_steps_with_feature_passes_equal_full_passes():
     def generator_grads(decoder):
         generator.zero_grad(set_to_none=True)
         head.requires_grad_(False)
-        loss, _ = fdistill.generator_loss(generator(z, labels), sigma, noise, teacher(decoder), fake_score, head,
-                                          fdistill.divergence('js'), 1e-2, 1e2, edges, 0.5)
+        loss, _ = fdistill.generator_loss(y=generator(z, labels), draws=fdistill.GeneratorNoise(sigma, noise), teacher=teacher(decoder),
+                                          fake_score=fake_score, head=head, div=fdistill.divergence('js'), ratio_norm=fdistill.RatioNorm(1e-2, 1e2, edges), w_gan=0.5)
         loss.backward()
         head.requires_grad_(True)
         return loss, [p.grad for p in generator.parameters()]
@@ -99,7 +99,8 @@ def test_generator_and_critic_steps_with_feature_passes_equal_full_passes():
         head.zero_grad(set_to_none=True)
         with torch.no_grad():
             y = generator(z, labels)
-        loss, _ = fdistill.critic_loss(y, x_real, sigma, noise, sigma, noise_fake, noise, teacher(decoder), fake_score, head, 1.0)
+        loss, _ = fdistill.critic_loss(y=y, x_real=x_real, draws=fdistill.CriticNoise(sigma, noise, sigma, noise_fake, noise), teacher=teacher(decoder),
+                                       fake_score=fake_score, head=head, gamma=1.0)
         loss.backward()
         return loss, [p.grad for p in list(fake.parameters()) + list(head.parameters())]
 
@@ -114,12 +115,12 @@ def test_generator_and_critic_steps_with_feature_passes_equal_full_passes():
 # the real loop on the CIFAR task (tiny official-format teacher), then the evaluation and a second run.
 def test_clipping_snapshots_fid_per_snapshot_and_warm_start(files, tmp_path, monkeypatch):
     import collections, json, os
-    import evaluate, train_cifar, train_edm, training_loop
+    import evaluate, flags, rundir, train_cifar, train_edm, training_loop
     from test_evaluate import TinyDetector
     cpu = torch.device('cpu')
 
     def run_opts(outdir, *args):
-        opts = training_loop.parse_args('test', train_cifar.PRESET, train_edm.add_edm_args, [
+        opts = flags.parse_args('test', train_cifar.PRESET, train_edm.add_edm_args, [
             '--teacher', str(files / 'teacher.pkl'), '--data', str(files / 'data.zip'), '--outdir', str(outdir), '--batch', '4',
             '--disc-res', '8', '--grid', '4', '--log-every', '1', '--lr', '1e-3', *args])
         return opts, train_edm.build_task(opts, train_cifar.PRESET, cpu, 0, 1)
@@ -149,9 +150,9 @@ def test_clipping_snapshots_fid_per_snapshot_and_warm_start(files, tmp_path, mon
     monkeypatch.setattr(train_edm, 'build_task', build_and_name)
     # The real samples each critic step gets from the DataLoader's worker processes.
     reals, critic_loss = {}, fdistill.critic_loss
-    def record(y, x_real, *args, **kwargs):
-        reals[len(reals)] = x_real
-        return critic_loss(y, x_real, *args, **kwargs)
+    def record(**kwargs):
+        reals[len(reals)] = kwargs['x_real']
+        return critic_loss(**kwargs)
     monkeypatch.setattr(fdistill, 'critic_loss', record)
 
     out = tmp_path / 'run'
@@ -176,8 +177,8 @@ def test_clipping_snapshots_fid_per_snapshot_and_warm_start(files, tmp_path, mon
         assert torch.equal(reals[k], data.images(training_loop.data_indices(0, it, len(data), 4)).float() / 127.5 - 1)
     # Snapshots at 0 (the teacher copy), every --snap-every and at the end: generator and EMA only.
     teacher = edm_nets.load_edm_pickle(str(files / 'teacher.pkl'))['ema'].state_dict()
-    snaps = {it: training_loop.load_checkpoint(str(out / f'snapshot-{it:07d}.pt')) for it in (0, 2, 3)}
-    ckpt = training_loop.load_checkpoint(str(out / 'checkpoint-0000003.pt'))
+    snaps = {it: rundir.load_checkpoint(str(out / f'snapshot-{it:07d}.pt')) for it in (0, 2, 3)}
+    ckpt = rundir.load_checkpoint(str(out / 'checkpoint-0000003.pt'))
     assert set(snaps[3]) == {'iteration', 'options', 'generator_kwargs', 'sigma_init', 'head_kwargs', 'generator', 'generator_ema'}
     assert all(torch.equal(snaps[0]['generator'][k], teacher[k]) for k in teacher)
     for key in ('generator', 'generator_ema'):
@@ -209,7 +210,7 @@ def test_clipping_snapshots_fid_per_snapshot_and_warm_start(files, tmp_path, mon
     # teacher as in a new run, the weights stay fp32.
     out2 = tmp_path / 'warm'
     run(out2, '--iterations', '2', '--lr', '0', '--wd', '0', '--init-from', str(out / 'snapshot-0000003.pt'), '--precision', 'bf16')
-    warm = training_loop.load_checkpoint(str(out2 / 'checkpoint-0000002.pt'))
+    warm = rundir.load_checkpoint(str(out2 / 'checkpoint-0000002.pt'))
     assert warm['options']['precision'] == 'bf16'
     assert all(torch.equal(warm['generator'][k], snaps[3]['generator'][k]) for k in teacher)
     assert all(torch.equal(warm['fake_score'][k], teacher[k]) for k in teacher)
@@ -242,9 +243,9 @@ def test_approximate_r1_tends_to_exact_r1():
     sigma, zeros = torch.full([d], 0.7), torch.zeros(d, 2, 8, 8)
     fake_score = lambda x, s: x
     basis = torch.eye(d).reshape(d, 2, 8, 8)
-    args = (torch.zeros(d, 2, 8, 8), x_real, sigma, zeros, sigma, zeros, zeros, teacher, fake_score, head, 1.0)
-    _, exact = fdistill.critic_loss(*args)
-    _, approx = fdistill.critic_loss(*args, r1_alpha=1e-3, noise_r1=basis)
+    args = dict(y=torch.zeros(d, 2, 8, 8), x_real=x_real, teacher=teacher, fake_score=fake_score, head=head, gamma=1.0)
+    _, exact = fdistill.critic_loss(**args, draws=fdistill.CriticNoise(sigma, zeros, sigma, zeros, zeros))
+    _, approx = fdistill.critic_loss(**args, draws=fdistill.CriticNoise(sigma, zeros, sigma, zeros, zeros, basis), r1_alpha=1e-3)
     assert exact['loss_r1'] > 0
     assert approx['loss_r1'] * d == pytest.approx(exact['loss_r1'], rel=2e-2)   # float32 differences at alpha 1e-3
     assert approx['loss_gan_d'] == exact['loss_gan_d']

@@ -128,7 +128,7 @@ def zero_tensor_bytes(path, n=4096):
         f.write(bytes(n))
 
 def test_resume_equals_straight_run_past_damaged_checkpoints(files, straight, tmp_path):
-    import train_cifar, train_edm, training_loop
+    import flags, rundir, train_cifar, train_edm, training_loop
     train(files, tmp_path, '--iterations', '4', '--ema-halflife-kimg', '0.01')
     ckpt = lambda it: tmp_path / f'checkpoint-{it:07d}.pt'
     zero_tensor_bytes(ckpt(4))                              # silent corruption: only the checksum sees it
@@ -136,15 +136,15 @@ def test_resume_equals_straight_run_past_damaged_checkpoints(files, straight, tm
     (tmp_path / 'checkpoint-0000005.pt.tmp4242').write_bytes(b'partial')         # a write cut short by a kill
     with open(tmp_path / 'stats.jsonl', 'a') as f:
         f.write('{"iteration": 5, "kimg": 0.')                                    # a stats line cut short
-    opts = lambda *args: training_loop.parse_args('test', train_cifar.PRESET, train_edm.add_edm_args,
+    opts = lambda *args: flags.parse_args('test', train_cifar.PRESET, train_edm.add_edm_args,
         ['--outdir', str(tmp_path), '--batch', '8', '--disc-res', '8,4', '--lr', '1e-3', '--ema-halflife-kimg', '0.01', *args])
-    run = training_loop.Run(str(tmp_path), 0)
+    run = rundir.Run(str(tmp_path), 0)
     with pytest.raises(ValueError, match='fails its checksum'):            # named explicitly: refused
-        training_loop.start_state(opts('--iterations', '7', '--resume', str(ckpt(4))), run)
+        rundir.start_state(opts('--iterations', '7', '--resume', str(ckpt(4))), run)
     with pytest.raises(ValueError, match=r'trained with --f fkl --seed 0; pass the same flags'):
-        training_loop.start_state(opts('--iterations', '7', '--resume', '--f', 'rkl', '--seed', '1'), run)
+        rundir.start_state(opts('--iterations', '7', '--resume', '--f', 'rkl', '--seed', '1'), run)
     with pytest.raises(ValueError, match=r'is at iteration 2, and --iterations is 2: pass a larger --iterations'):
-        training_loop.start_state(opts('--iterations', '2', '--resume'), run)
+        rundir.start_state(opts('--iterations', '2', '--resume'), run)
     train(files, tmp_path, '--iterations', '7', '--ema-halflife-kimg', '0.01', '--resume')
     a, b = load(straight, 7), load(tmp_path, 7)
     for key in ('generator', 'generator_ema', 'fake_score', 'head'):
@@ -186,8 +186,8 @@ def test_warm_start_loads_networks_not_iteration(files, straight, tmp_path):
     assert b['iteration'] == 2
 
 def in_process_task(files, outdir, *args):
-    import train_cifar, train_edm, training_loop
-    opts = training_loop.parse_args('test', train_cifar.PRESET, train_edm.add_edm_args, [
+    import flags, rundir, train_cifar, train_edm, training_loop
+    opts = flags.parse_args('test', train_cifar.PRESET, train_edm.add_edm_args, [
         '--teacher', str(files / 'teacher.pkl'), '--data', str(files / 'data.zip'), '--outdir', str(outdir),
         '--batch', '8', '--disc-res', '8', '--grid', '4', '--ckpt-every', '1', '--log-every', '1', *args])
     return opts, train_edm.build_task(opts, train_cifar.PRESET, torch.device('cpu'), 0, 1)

@@ -1,0 +1,211 @@
+"""A run is a folder: its log, stats.jsonl, sample grids, atomic checksummed checkpoints, and where a run starts.
+
+training_loop.py writes through Run; evaluate.py reads checkpoints through load_checkpoint(). Checks that a
+--resume or --init-from is possible (the recipe unchanged, a checkpoint intact) run before any network is built.
+"""
+
+import glob
+import json
+import os
+import re
+import zlib
+
+import numpy as np
+import PIL.Image
+import torch
+
+#----------------------------------------------------------------------------
+# Run directory: options, log, stats, grids, atomic checkpoints.
+
+class Run:
+    def __init__(self, outdir, rank):
+        self.outdir, self.rank = outdir, rank
+        if rank == 0:
+            os.makedirs(outdir, exist_ok=True)
+
+    def log(self, msg):
+        if self.rank == 0:
+            print(msg, flush=True)
+            with open(os.path.join(self.outdir, 'log.txt'), 'a') as f:
+                f.write(msg + '\n')
+
+    def write_json(self, name, obj):
+        if self.rank == 0:
+            atomic_write(os.path.join(self.outdir, name), lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+    def append_stats(self, stats):
+        if self.rank == 0:
+            with open(os.path.join(self.outdir, 'stats.jsonl'), 'a') as f:
+                f.write(json.dumps(stats) + '\n')
+
+    # A killed run may have logged past its last checkpoint, or died while writing a line: a resume keeps
+    # the complete lines up to its checkpoint.
+    def truncate_stats(self, iteration):
+        path = os.path.join(self.outdir, 'stats.jsonl')
+        if self.rank == 0 and os.path.isfile(path):
+            lines = []
+            for line in open(path):
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if entry['iteration'] <= iteration:
+                    lines.append(line.rstrip('\n') + '\n')
+            atomic_write(path, lambda f: f.write(''.join(lines).encode()))
+
+    def checkpoints(self):
+        return sorted(glob.glob(os.path.join(self.outdir, 'checkpoint-*.pt')))
+
+    # A run lives here if it left a checkpoint or any of its logs (a run killed before its first checkpoint).
+    def holds_run(self):
+        return bool(self.checkpoints()) or any(os.path.exists(os.path.join(self.outdir, name)) for name in RUN_FILES)
+
+    # Partial files of writes that a kill interrupted (atomic_write's <name>.tmp<pid>).
+    def remove_partial_files(self):
+        if self.rank == 0:
+            for path in glob.glob(os.path.join(self.outdir, '*.tmp*')):
+                if re.search(r'\.tmp\d+$', path):
+                    os.remove(path)
+                    self.log(f'Removed {path}, the partial file of an interrupted write')
+
+    # Full checkpoints (prefix 'checkpoint', the last `keep` kept) and generator snapshots ('snapshot', all kept).
+    # Every rank checks, so all stop together; rank 0 writes.
+    def save_checkpoint(self, state, keep, prefix='checkpoint'):
+        bad = non_finite(state)
+        if bad is not None:
+            raise FloatingPointError(f'{bad} is not finite at iteration {state["iteration"]}')
+        if self.rank != 0:
+            return
+        save_checkpoint(os.path.join(self.outdir, f'{prefix}-{state["iteration"]:07d}.pt'), state)
+        for old in self.checkpoints()[:-keep] if prefix == 'checkpoint' else []:
+            os.remove(old)
+
+    def save_grid(self, images, it, captions=None):
+        if self.rank != 0:
+            return
+        path = os.path.join(self.outdir, f'grid-{it:07d}.png')
+        atomic_write(path, lambda f: image_grid(images).save(f, format='PNG'))
+        if captions is not None:
+            with open(path[:-4] + '.txt', 'w') as f:
+                f.write('\n'.join(captions) + '\n')
+
+def atomic_write(path, write):
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        write(f)
+    os.replace(tmp, path)
+
+def image_grid(images):
+    n, c, h, w = images.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = (n + cols - 1) // cols
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i, img in enumerate(images.permute(0, 2, 3, 1).cpu().numpy()):
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
+    return PIL.Image.fromarray(grid[:, :, 0] if c == 1 else grid)
+
+#----------------------------------------------------------------------------
+# Checkpoints: one writer and one reader for everything saved (training checkpoints, evaluate.py's reads).
+# A checkpoint carries a CRC-32 of all it holds (every tensor's bytes, the repr of every other value, in order);
+# loading recomputes it, so zeroed or flipped bytes are reported, not trained on. No tensor in a checkpoint is
+# ever NaN or infinite: such weights are refused when written and when read.
+
+RUN_FILES = ('stats.jsonl', 'log.txt', 'training_options.json')
+
+def state_checksum(obj, crc=0):
+    if isinstance(obj, torch.Tensor):
+        flat = obj.detach().cpu().contiguous().reshape(-1)
+        crc = zlib.crc32(f'{flat.dtype}{tuple(obj.shape)}'.encode(), crc)
+        return zlib.crc32(flat.view(torch.uint8).numpy(), crc)
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            crc = state_checksum(value, zlib.crc32(repr(key).encode(), crc))
+        return crc
+    if isinstance(obj, (list, tuple)):
+        for value in obj:
+            crc = state_checksum(value, crc)
+        return crc
+    return zlib.crc32(repr(obj).encode(), crc)
+
+# The name of the first floating-point tensor holding a NaN or an infinity, e.g. 'generator/model.enc.0.weight'.
+def non_finite(obj, name=''):
+    if isinstance(obj, torch.Tensor):
+        return name if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        bad = non_finite(value, f'{name}/{key}' if name else str(key))
+        if bad is not None:
+            return bad
+    return None
+
+def save_checkpoint(path, state):
+    bad = non_finite(state)
+    if bad is not None:
+        raise FloatingPointError(f'Not writing {path}: {bad} is not finite')
+    state = dict(state, checksum=state_checksum(state))
+    atomic_write(path, lambda f: torch.save(state, f))
+
+def load_checkpoint(path, mmap=False):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'Checkpoint not found: {path}')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+    except Exception as err:                    # torch reports a damaged file in many ways; all mean the same here
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(f'Checkpoint {path} is truncated or corrupt ({detail})') from None
+    if not isinstance(state, dict):
+        raise ValueError(f'{path} is not a checkpoint of training_loop.py (it holds a {type(state).__name__})')
+    checksum = state.pop('checksum', None)      # None: written before checkpoints carried one
+    if checksum is not None and checksum != state_checksum(state):
+        raise ValueError(f'Checkpoint {path} fails its checksum: its bytes changed after it was written')
+    bad = non_finite(state)
+    if bad is not None:
+        raise ValueError(f'Checkpoint {path}: {bad} is not finite')
+    return state
+
+#----------------------------------------------------------------------------
+# Where a run starts, checked before any network is built: (checkpoint, its state) to resume or warm start from,
+# or (None, None). Nothing in --outdir is overwritten by a new run.
+def start_state(opts, run):
+    if opts.benchmark:
+        return None, None
+    if run.holds_run() and not opts.resume:
+        raise FileExistsError(f'{opts.outdir} already holds a run: pass --resume to continue it, or a new --outdir')
+    if opts.resume:
+        return resume_checkpoint(opts, run)
+    if opts.init_from:
+        return opts.init_from, load_checkpoint(opts.init_from)
+    return None, None
+
+# The checkpoint --resume continues from: a named file must be intact; the latest in --outdir that is intact,
+# each damaged newer one reported in the log; (None, None) for a run killed before its first checkpoint.
+# Exact resume needs the recipe the checkpoint was trained with.
+RECIPE = ('f', 'seed', 'batch', 'tau', 'w_gan', 'lr', 'lr_head', 'lr2', 'lr2_at', 'wd', 'r1_gamma', 'r1_approx', 'r_min', 'r_max', 'num_bins',
+          'ratio_ema', 'disc_res', 'ema_halflife_kimg', 'grad_clip', 'precision', 'sigma_init', 'reg_weight', 'cfg', 'resolution')
+
+def resume_checkpoint(opts, run):
+    if opts.resume != 'latest':
+        path, state = opts.resume, load_checkpoint(opts.resume)
+    else:
+        found = run.checkpoints()
+        if not found and not run.holds_run():
+            raise FileNotFoundError(f'--resume: no run in {opts.outdir} (no checkpoint-*.pt, no stats.jsonl); check --outdir')
+        path = state = None
+        for candidate in reversed(found):
+            try:
+                path, state = candidate, load_checkpoint(candidate)
+                break
+            except ValueError as err:
+                run.log(f'Cannot resume from {candidate}: {err}; trying the one before')
+        if found and state is None:
+            raise ValueError(f'--resume: none of the {len(found)} checkpoints in {opts.outdir} is intact; pass --resume FILE or start a new --outdir')
+    if state is None:
+        return None, None
+    changed = [k for k in RECIPE if k in state['options'] and getattr(opts, k, None) != state['options'][k]]
+    if changed:
+        flags = ' '.join(f'--{k.replace("_", "-")} {state["options"][k] if not isinstance(state["options"][k], list) else ",".join(map(str, state["options"][k]))}' for k in changed)
+        raise ValueError(f'--resume: {path} was trained with {flags}; pass the same flags to continue it exactly, or --init-from it in a new --outdir')
+    if state['iteration'] >= opts.iterations:
+        raise ValueError(f'--resume: {path} is at iteration {state["iteration"]}, and --iterations is {opts.iterations}: pass a larger --iterations to train on')
+    return path, state
+
