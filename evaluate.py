@@ -27,7 +27,6 @@ covariance, scipy's sqrtm. Precision/recall of Kynkaenniemi et al. 2019 (k = 3) 
 them. Every path comes from the user; nothing is downloaded.
 """
 
-import glob
 import io
 import json
 import os
@@ -50,6 +49,10 @@ import flags
 import rundir
 import sd_unet
 from distributed import gather_rows, get_rank, get_world_size, print0
+from export import cmd_export
+from read_run import cmd_plot, cmd_weights, fid_figure, save_figure
+from students import (TEACHER_HINT, Progress, check_file, class_labels, is_t2i, latents, load_checkpoint, load_generator,
+                      load_teacher, rank_batches, sd_folder, snapshots_of, write_json)
 
 #----------------------------------------------------------------------------
 # Processes: torchrun's environment is read by distributed.init_distributed (NCCL on GPUs, gloo on CPU);
@@ -283,67 +286,10 @@ class Sampler:
     condition:      Callable        # condition(seeds, device) -> their one-hot labels (None if unconditional) or prompts.
     info:           dict = field(default_factory=dict)  # What reports record about it (sampler, steps, cfg, ...).
 
-def check_file(path, what, hint):
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f'{what} "{path}" not found: {hint}')
-
-# A file (a checkpoint or a generator snapshot), or a run directory: its latest checkpoint, else its latest snapshot.
-def find_checkpoint(path):
-    if os.path.isfile(path):
-        return path
-    found = (sorted(glob.glob(os.path.join(path, 'checkpoint-*.pt'))) or snapshots_of(path)) if os.path.isdir(path) else []
-    if not found:
-        raise FileNotFoundError(f'No run checkpoint at "{path}": pass a run directory holding checkpoint-<iteration>.pt or snapshot-<iteration>.pt files, or one such file')
-    return found[-1]
-
-def snapshots_of(run_dir):
-    return sorted(glob.glob(os.path.join(run_dir, 'snapshot-*.pt')))
-
-# EDM runs (train_cifar.py, train_imagenet.py) and text-to-image runs (train_t2i.py) share training_loop.py's
-# checkpoint and snapshot (a checkpoint's generator part); a 'unet_config' entry marks the latter. Memory-mapped:
-# only the tensors used are read (an SD checkpoint also holds the fake score and both optimisers' states).
-EDM_KEYS = ('generator_kwargs', 'sigma_init', 'generator')
-T2I_KEYS = ('unet_config', 'generator', 'sd', 'options')
-
-def is_t2i(ckpt):
-    return ckpt is not None and 'unet_config' in ckpt
-
-def sd_folder(args, ckpt):
-    return args.sd or (ckpt or {}).get('sd')
-
-def load_checkpoint(path):
-    path = find_checkpoint(path)
-    ckpt = rundir.load_checkpoint(path, mmap=True)
-    missing = [k for k in (T2I_KEYS if is_t2i(ckpt) else EDM_KEYS) if ckpt.get(k) is None]
-    if missing:
-        kind = 'a text-to-image generator (train_t2i.py)' if is_t2i(ckpt) else 'an EDM generator'
-        raise ValueError(f'"{path}" is not an f-distill run checkpoint of {kind}: it has no {", ".join(missing)}')
-    ckpt['path'] = path
-    return ckpt
-
-# Class-balanced labels: seed s gets class s % label_dim, one-hot (EDM convention); None if unconditional.
-def class_labels(seeds, label_dim, device):
-    if label_dim == 0:
-        return None
-    return torch.eye(label_dim, device=device)[torch.as_tensor(seeds, device=device) % label_dim]
-
 #----------------------------------------------------------------------------
 # EDM. A run's checkpoint rebuilds the student as edm_nets.EDMPrecond(**generator_kwargs) (the EMA weights if
 # the run kept them) wrapped in the one-step generator G(z) = D(sigma_init z; sigma_init); the teacher comes
 # from an official EDM pickle and samples with EDM's Heun sampler (Karras et al. Alg. 2).
-
-def load_generator(ckpt, device):
-    import edm_nets
-    net = edm_nets.EDMPrecond(**ckpt['generator_kwargs'])
-    net.load_state_dict(ckpt['generator_ema'] if ckpt.get('generator_ema') is not None else ckpt['generator'])
-    return edm_nets.OneStepGenerator(net, ckpt['sigma_init']).eval().requires_grad_(False).to(device)
-
-TEACHER_HINT = 'pass the EDM .pkl the run was distilled from (e.g. edm-cifar10-32x32-cond-vp.pkl) with --teacher'
-
-def load_teacher(path, device):
-    import edm_nets
-    check_file(path, 'Teacher pickle', TEACHER_HINT)
-    return edm_nets.load_edm_pickle(path)['ema'].eval().requires_grad_(False).to(device)
 
 def edm_sampler(net, sample, info):
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
@@ -419,31 +365,6 @@ def sd_teacher_sampler(sd, prompts, resolution, bf16, num_steps, cfg):
 
 #----------------------------------------------------------------------------
 # Generation, one seed per image.
-
-# Seeds split across ranks in EDM's way, so every rank runs the same number of (possibly empty) batches.
-def rank_batches(seeds, batch_size):
-    world_size = get_world_size()
-    num_batches = max((len(seeds) - 1) // (batch_size * world_size) + 1, 1) * world_size
-    return [b.tolist() for b in torch.as_tensor(seeds, dtype=torch.int64).tensor_split(num_batches)[get_rank() :: world_size]]
-
-def latents(shape, seeds, device):
-    import edm_nets
-    if not seeds:
-        return torch.zeros([0, *shape], device=device), None
-    rnd = edm_nets.StackedRandomGenerator(device, seeds)
-    return rnd.randn([len(seeds), *shape], device=device), rnd
-
-class Progress:
-    def __init__(self, total, label=''):
-        self.total, self.label, self.done = total, label, 0
-        self.start = self.last = time.time()
-
-    def update(self, n):
-        self.done = min(self.done + n * get_world_size(), self.total)
-        if time.time() - self.last > 10 or self.done == self.total:
-            self.last = time.time()
-            rate = self.done / max(self.last - self.start, 1e-9)
-            print0(f'{self.label}{self.done}/{self.total} images  {rate:.1f} images/s  ETA {(self.total - self.done) / max(rate, 1e-9):.0f} s')
 
 # One seed per image (its own latent, sampler noise and condition): image i is the same made alone or in any batch.
 @torch.no_grad()
@@ -555,199 +476,9 @@ def latency(sampler, device, warmup=5, repeats=20):
         torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / repeats
 
-#----------------------------------------------------------------------------
-# Fig. 5 (Sec. 5.2): for generated samples y = G(z), the normalised weight h of the run's f and the squared
-# score difference ||s_teacher(x; sigma) - s_fake(x; sigma)||^2 at x = y + sigma eps, sigma drawn as in
-# training. Sorted by the score difference, h should fall where the teacher is unreliable (non-mode-seeking f).
-
-RUN_KEYS = ('generator_kwargs', 'sigma_init', 'generator', 'fake_score', 'head', 'head_kwargs', 'options')
-OPTION_KEYS = ('f', 'r_min', 'r_max', 'num_bins', 'disc_res')
-
-@torch.no_grad()
-def weight_diagnostic(ckpt, teacher, seeds, batch_size, device):
-    import edm_nets
-    opts = ckpt['options']
-    generator = load_generator(ckpt, device)
-    fake_score = edm_nets.EDMPrecond(**ckpt['generator_kwargs'])
-    fake_score.load_state_dict(ckpt['fake_score'])
-    fake_score.eval().requires_grad_(False).to(device)
-    head = fdistill.DiscriminatorHead(**ckpt['head_kwargs'])
-    head.load_state_dict(ckpt['head'])
-    head.eval().requires_grad_(False).to(device)
-    levels = fdistill.karras_sigmas(1000, 0.002, 80)                 # as train_edm.py: DMD2's 1000 levels
-    edges = fdistill.sigma_bin_edges(levels, opts['num_bins'])
-    rows = []
-    progress = Progress(len(seeds), 'weights ')
-    for batch_seeds in rank_batches(seeds, batch_size):
-        if not batch_seeds:
-            continue
-        z, rnd = latents(one_step_sampler(generator).z_shape, batch_seeds, device)
-        labels = class_labels(batch_seeds, generator.net.label_dim, device)
-        y = generator(z, labels)                                                        # Alg. 1 line 4
-        sigma = torch.cat([fdistill.sample_sigma(levels, 1, generator=torch.Generator().manual_seed(s)) for s in batch_seeds]).to(device)
-        x_t = y + sigma.reshape(-1, 1, 1, 1) * rnd.randn_like(y)                         # Eq. 4
-        D_teacher, features = teacher.forward_features(x_t, sigma, labels, opts['disc_res'])
-        D_fake = fake_score(x_t, sigma, labels)
-        score_diff = ((D_teacher - D_fake) / sigma.reshape(-1, 1, 1, 1) ** 2).square().flatten(1).sum(1)   # EDM Eq. 3
-        logits = head(features)
-        rows.append(torch.stack([torch.as_tensor(batch_seeds, device=device).double(), sigma.double(), logits.double(), score_diff.double()], 1))
-        progress.update(len(batch_seeds))
-    rows = torch.cat(rows) if rows else torch.zeros([0, 4], dtype=torch.float64, device=device)
-    # Alg. 1 lines 6-9 on all N samples at once: ratio, per-bin stage 1, batch-mean stage 2 (global over ranks).
-    logits, sigma = rows[:, 2].float(), rows[:, 1].float()
-    h = fdistill.weights(logits, sigma, fdistill.divergence(opts['f']), opts['r_min'], opts['r_max'], edges)
-    stats = fdistill.weight_stats(logits, h, sigma, opts['r_min'], opts['r_max'], edges)
-    rows = gather_rows(torch.cat([rows, fdistill.ratio(rows[:, 2], opts['r_min'], opts['r_max'])[:, None].double(), h[:, None].double()], 1))
-    rows = rows[rows[:, 3].argsort()].cpu().numpy()
-    table = dict(zip(('seed', 'sigma', 'logit', 'score_diff', 'r', 'h'), rows.T.tolist()))
-    table['seed'] = [int(s) for s in table['seed']]
-    return table, stats
-
-def plot_weights(table, f_name, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    n = len(table['h'])
-    window = max(n // 50, 1)
-    smooth = np.convolve(table['h'], np.ones(window) / window, mode='valid')
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.semilogy(table['score_diff'], color='tab:red', label='score difference')
-    ax.set_xlabel('sample index (sorted by score difference)')
-    ax.set_ylabel(r'$\|s_\phi - s_\psi\|^2$', color='tab:red')
-    ax2 = ax.twinx()
-    ax2.plot(table['h'], '.', markersize=2, alpha=0.3, color='tab:blue')
-    ax2.plot(np.arange(len(smooth)) + window // 2, smooth, color='tab:blue', label=f'h (moving mean of {window})')
-    ax2.set_ylabel('normalised h', color='tab:blue')
-    ax.set_title(f'{f_name}: normalised h vs score difference, {n} samples (Fig. 5)')
-    ax2.legend(handles=[*ax.get_lines(), ax2.get_lines()[1]], loc='upper left', fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-#----------------------------------------------------------------------------
-# Plots of a run, for reading it ("Reading a run" in README.md): stats.jsonl (and fid-snapshots.json where
-# `evaluate.py fid` scored the run's snapshots) as one PNG per group, panels sharing the iteration axis.
-# Dashed grey lines mark where a run at chance sits (discriminator loss 2 ln 2, accuracy 0.5, r = 1, ESS 1)
-# and the clip of r.
-
-def read_stats(run):
-    path = os.path.join(run, 'stats.jsonl')
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path} not found: pass a run directory written by train_cifar.py, train_imagenet.py or train_t2i.py')
-    stats = [json.loads(line) for line in open(path) if line.strip()]
-    if not stats:
-        raise ValueError(f'{path} is empty: the run has not logged yet (every --log-every iterations)')
-    return stats
-
-# The stage-1 sigma bins of a run, as "a-b" labels (training_loop: fdistill.sigma_bin_edges on the task's levels).
-def bin_labels(options):
-    levels = sd_unet.SIGMAS.float() if options.get('sd') else fdistill.karras_sigmas(1000, 0.002, 80)
-    n = options.get('num_bins', 10)
-    cuts = [float(levels[int(0.02 * len(levels))])] + fdistill.sigma_bin_edges(levels, n).tolist() + [float(levels[int(0.98 * len(levels)) - 1])]
-    return [f'σ {cuts[k]:.3g}–{cuts[k + 1]:.3g}' for k in range(n)]
-
-def run_figures(stats, options, fid=None):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    it = np.array([s['iteration'] for s in stats])
-    series = lambda key: np.array([s.get(key, np.nan) for s in stats], dtype=float)
-    has = lambda key: any(key in s for s in stats)
-    bins = bin_labels(options)
-    colors = plt.cm.viridis(np.linspace(0, 0.9, len(bins)))
-    per_bin = lambda prefix: [(f'{prefix}{k}', bins[k], dict(color=colors[k])) for k in range(len(bins)) if has(f'{prefix}{k}')]
-    clip = [options['r_min'], options['r_max']] if 'r_min' in options else []
-    # group -> panels: (title, [(key, label, style)], reference ys, log y)
-    groups = dict(
-        losses=[('f-distill loss (generator steps)', [('loss_fdistill', 'loss_fdistill', {})], [], False),
-                ('GAN losses (chance: D loss 2 ln 2)', [('loss_gan_d', 'discriminator', {}), ('loss_gan_g', 'generator', {})], [2 * np.log(2)], False),
-                ('fake-score DSM', [('loss_dsm', 'loss_dsm', {})], [], True),
-                ('R1 penalty', [('loss_r1', 'loss_r1', {})], [], True),
-                ('LPIPS regression', [('loss_reg', 'loss_reg', {})], [], False)],
-        weights=[('density ratio r (mean, min, max; r = 1 and the clip dashed)', [('r_mean', 'mean', {}), ('r_min', 'min', {}), ('r_max', 'max', {})], [1] + clip, True),
-                 ('fraction of r at the clip', [('r_clipped', 'r_clipped', {})], [], False),
-                 ('normalised weight h̄ (min, max)', [('h_min', 'min', {}), ('h_max', 'max', {})], [1], True),
-                 ('effective sample size of h̄', [('h_ess', 'ESS', {})], [1], False)],
-        discriminator=[('discriminator accuracy on the critic batch, per σ bin (chance 0.5)', [('disc_acc', 'all bins', dict(color='black', linewidth=2))] + per_bin('disc_acc_bin'), [0.5], False),
-                       ('spread (std) of h̄ within each σ bin', per_bin('h_std_bin'), [], False),
-                       ('mean logit, real and generated', [('logit_real', 'real', {}), ('logit_fake', 'generated', {})], [0], False)],
-        speed=[('images / s', [('images_per_sec', 'images/s', {})], [], False),
-               ('peak memory (GB)', [('memory_gb', 'memory_gb', {})], [], False),
-               ('learning rate', [('lr', 'generator, fake score', {}), ('lr_head', 'discriminator head', {})], [], True)])
-    figures = []
-    for name, panels in groups.items():
-        panels = [(title, [line for line in lines if has(line[0])], ref, log) for title, lines, ref, log in panels]
-        panels = [panel for panel in panels if panel[1]]
-        if not panels:
-            continue
-        fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(10, 2.2 * len(panels) + 0.6), squeeze=False)
-        for ax, (title, lines, ref, log) in zip(axes[:, 0], panels):
-            for key, label, style in lines:
-                y = series(key)
-                ax.plot(it[np.isfinite(y)], y[np.isfinite(y)], label=label, **style)
-            for y in ref:
-                ax.axhline(y, color='grey', linestyle='--', linewidth=0.8)
-            lo, hi = min([np.nanmin(series(k)) for k, _, _ in lines] + ref), max([np.nanmax(series(k)) for k, _, _ in lines] + ref)
-            if log and lo > 0 and hi > 10 * lo:                 # log only where the values (or r's clip) span a decade
-                ax.set_yscale('log')
-            ax.set_title(title, fontsize=9)
-            ax.grid(alpha=0.3)
-            if len(lines) > 1:
-                ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
-        axes[-1, 0].set_xlabel('iteration')
-        fig.suptitle(f'{name}: --f {options.get("f", "?")}', fontsize=10)
-        fig.tight_layout()
-        figures.append((name, fig))
-    if fid is not None and fid.get('snapshots'):
-        figures.append(('fid', fid_figure(fid['snapshots'], fid.get('best'))))
-    return figures
-
-def cmd_plot(args):
-    if not os.path.exists(args.ckpt):
-        raise FileNotFoundError(f'--ckpt {args.ckpt} not found: pass a run directory (it holds stats.jsonl)')
-    run = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
-    stats = read_stats(run)
-    options_path = os.path.join(run, 'training_options.json')
-    options = json.load(open(options_path)) if os.path.isfile(options_path) else {}
-    fid_path = os.path.join(run, 'fid-snapshots.json')
-    fid = json.load(open(fid_path)) if os.path.isfile(fid_path) else None
-    outdir = args.outdir or os.path.join(run, 'plots')
-    os.makedirs(outdir, exist_ok=True)
-    for name, fig in run_figures(stats, options, fid):
-        path = os.path.join(outdir, f'{name}.png')
-        save_figure(fig, path)
-        print0(f'wrote {path}')
-
-def save_figure(fig, path):
-    import matplotlib.pyplot as plt
-    rundir.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110))
-    plt.close(fig)
-
-# FID against iteration, the best snapshot starred: fid-snapshots.png (fid --snapshots) and plots/fid.png (plot).
-def fid_figure(entries, best):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    entries = sorted(entries, key=lambda e: e['iteration'])
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.plot([e['iteration'] for e in entries], [e['fid'] for e in entries], 'o-', markersize=3, label='FID of snapshot')
-    if best:
-        ax.plot([best['iteration']], [best['fid']], '*', color='tab:red', markersize=12, label=f'best: iteration {best["iteration"]}, FID {best["fid"]:.3g}')
-    ax.set_xlabel('iteration')
-    ax.set_ylabel(f'FID ({entries[-1].get("num_images", "?")} images)')
-    ax.set_yscale('log')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
 
 #----------------------------------------------------------------------------
 # Command line. Every input is checked before any network runs; errors are one line.
-
-def write_json(path, data):
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    rundir.atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 PROMPTS_HINT = 'pass --captions FILE with one prompt per line (e.g. the MS-COCO 30k captions); seed s gets line s mod N'
 
@@ -979,116 +710,6 @@ def cmd_latency(args):
     print0('  '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in report.items()))
     if args.report and get_rank() == 0:
         write_json(args.report, report)
-
-def cmd_weights(args):
-    ckpt = load_checkpoint(args.ckpt)
-    if is_t2i(ckpt):
-        raise ValueError(f'"{ckpt["path"]}" is a text-to-image run: the Fig. 5 diagnostic is implemented for EDM runs (train_cifar.py, train_imagenet.py)')
-    missing = [k for k in RUN_KEYS if ckpt.get(k) is None] + [k for k in OPTION_KEYS if k not in ckpt.get('options', {})]
-    if missing:
-        raise ValueError(f'"{ckpt["path"]}" lacks {", ".join(missing)}: not a checkpoint of training_loop.py')
-    teacher_path = args.teacher or ckpt['options'].get('teacher')
-    check_file(teacher_path, 'Teacher pickle', TEACHER_HINT)
-    if args.num_images < 2:
-        raise ValueError(f'--num-images {args.num_images}: the diagnostic needs at least 2 samples')
-    outdir = args.outdir or os.path.dirname(ckpt['path'])
-    device = init_distributed()
-    if args.num_images < get_world_size():
-        raise ValueError(f'--num-images {args.num_images}: every one of the {get_world_size()} processes needs a sample')
-    teacher = load_teacher(teacher_path, device)
-    teacher.use_fp16 = False                                # as in training (train_edm.py)
-    table, stats = weight_diagnostic(ckpt, teacher, list(range(args.seed, args.seed + args.num_images)), args.batch, device)
-    if get_rank() == 0:
-        os.makedirs(outdir, exist_ok=True)
-        name = os.path.splitext(os.path.basename(ckpt['path']))[0]
-        f_name = fdistill.divergence(ckpt['options']['f']).name
-        plot_weights(table, f_name, os.path.join(outdir, f'weights-{name}.png'))
-        corr = float(np.corrcoef(np.log(np.maximum(table['score_diff'], 1e-30)), table['h'])[0, 1])
-        write_json(os.path.join(outdir, f'weights-{name}.json'), dict(checkpoint=ckpt['path'], f=ckpt['options']['f'], num=args.num_images,
-            corr_h_log_score_diff=corr, stats=stats, samples_sorted_by_score_diff=table))
-        print0(f'{f_name}: corr(h, log score difference) = {corr:.3f}; wrote {os.path.join(outdir, f"weights-{name}.png")} and .json')
-
-#----------------------------------------------------------------------------
-# Export: the one-step student in the formats people load elsewhere. An SD student becomes a diffusers
-# UNet2DConditionModel folder, sampled in one step at t = 999 with SD's own VAE and text encoder; an EDM
-# student becomes generator.safetensors (EDMPrecond's keys, as NVIDIA's networks) + generator.json, read back
-# by edm_nets.load_generator. The EMA weights when the run kept them. A run, a checkpoint or a snapshot file.
-
-SD_EXPORT_README = """# One-step text-to-image generator distilled with f-distill
-
-From `{source}` (iteration {iteration}, `{weights}` weights, --f {f}). A diffusers `UNet2DConditionModel`;
-it turns noise at t = 999 into an eps prediction, converted to x0 in one step (no scheduler). The VAE, text
-encoder and tokenizer are those of the SD v1.5 folder it was distilled from.
-
-```python
-import PIL.Image
-import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
-
-sd = {sd!r}                                      # the SD v1.5 folder (or hub id) the student was distilled from
-unet = UNet2DConditionModel.from_pretrained({dest!r}).eval()
-vae = AutoencoderKL.from_pretrained(sd, subfolder='vae').eval()
-text_encoder = CLIPTextModel.from_pretrained(sd, subfolder='text_encoder').eval()
-tokenizer = CLIPTokenizer.from_pretrained(sd, subfolder='tokenizer')
-prompt, seed = 'a photograph of an astronaut riding a horse', 0
-size = {resolution} // 2 ** (len(vae.config.block_out_channels) - 1)        # latent size of the training resolution
-
-with torch.no_grad():
-    ids = tokenizer([prompt], padding='max_length', max_length=tokenizer.model_max_length, truncation=True, return_tensors='pt').input_ids
-    ctx = text_encoder(ids)[0]
-    z = torch.randn([1, unet.config.in_channels, size, size], generator=torch.Generator().manual_seed(seed))
-    abar = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2, 0)[999]  # SD's schedule
-    x0 = (z - (1 - abar).sqrt().float() * unet(z, 999, ctx).sample) / abar.sqrt().float()                # eps -> x0 at t = 999
-    image = vae.decode(x0 / vae.config.scaling_factor).sample.float().clamp(-1, 1)
-PIL.Image.fromarray((image * 127.5 + 128).clip(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()).save('sample.png')
-```
-"""
-
-EDM_EXPORT_README = """# One-step generator distilled with f-distill
-
-From `{source}` (iteration {iteration}, `{weights}` weights, --f {f}). `generator.safetensors` is the
-state dict of EDM's `EDMPrecond` (the keys of NVIDIA's released networks), `generator.json` its constructor
-arguments and `sigma_init`; the generator is G(z, labels) = D(sigma_init z; sigma_init, labels).
-
-```python
-import torch
-import edm_nets                                  # from f-distill; or NVlabs/edm's EDMPrecond(**kwargs) with the same state dict
-
-generator = edm_nets.load_generator({dest!r})
-z = torch.randn([16, generator.net.img_channels, generator.net.img_resolution, generator.net.img_resolution])
-labels = torch.eye(generator.net.label_dim)[torch.arange(16) % generator.net.label_dim] if generator.net.label_dim else None
-with torch.no_grad():
-    images = generator(z, labels)                # in [-1, 1]
-```
-"""
-
-# Weights as safetensors (format 'pt', as diffusers writes them) and a JSON config, each written atomically.
-def write_export(dest, weights_name, state_dict, config_name, config):
-    import safetensors.torch
-    data = safetensors.torch.save({k: v.contiguous() for k, v in state_dict.items()}, metadata=dict(format='pt'))
-    os.makedirs(dest, exist_ok=True)
-    rundir.atomic_write(os.path.join(dest, weights_name), lambda f: f.write(data))
-    write_json(os.path.join(dest, config_name), config)
-
-def cmd_export(args):
-    ckpt = load_checkpoint(args.ckpt)
-    marker = os.path.join(args.dest, 'config.json' if is_t2i(ckpt) else 'generator.safetensors')
-    if os.path.exists(marker):
-        raise FileExistsError(f'--dest {args.dest} already holds an export ({marker}): pass a new folder')
-    weights = 'generator_ema' if ckpt.get('generator_ema') is not None else 'generator'
-    info = dict(source=ckpt['path'], iteration=ckpt.get('iteration'), weights=weights, f=ckpt.get('options', {}).get('f'))
-    if is_t2i(ckpt):
-        state = {k[len('unet.'):]: v for k, v in ckpt[weights].items()}        # sd_unet.SDGenerator holds the UNet as 'unet'
-        write_export(args.dest, 'diffusion_pytorch_model.safetensors', state, 'config.json', sd_unet.diffusers_unet_config(ckpt['unet_config']))
-        readme = SD_EXPORT_README.format(**info, dest=args.dest, sd=ckpt['sd'], resolution=ckpt['options']['resolution'])
-    else:
-        import edm_nets
-        generator = load_generator(ckpt, 'cpu')
-        write_export(args.dest, 'generator.safetensors', generator.net.state_dict(), 'generator.json', edm_nets.generator_spec(generator, info))
-        readme = EDM_EXPORT_README.format(**info, dest=args.dest)
-    rundir.atomic_write(os.path.join(args.dest, 'README.md'), lambda f: f.write(readme.encode()))
-    print0(f'Exported the {weights} weights of "{ckpt["path"]}" to "{args.dest}" (see its README.md)')
 
 def parse_args(argv=None):
     parser = flags.ArgumentParser(description='Evaluate f-distill generators: images, FID, precision/recall, CLIP score, latency, Fig. 5.')

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import dataset
 import edm_nets
+import edm_pickle
 import distributed
 import fdistill
 import flags
@@ -46,7 +47,7 @@ def load_teacher(opts, preset):
     else:
         if opts.teacher is None:
             raise ValueError('--teacher is required: the EDM pickle, e.g. edm-cifar10-32x32-cond-vp.pkl')
-        teacher = edm_nets.load_edm_pickle(opts.teacher)['ema']
+        teacher = edm_pickle.load_edm_pickle(opts.teacher)['ema']
     teacher.use_fp16 = teacher.init_kwargs['use_fp16'] = False   # fp32 or bf16 autocast (--precision); fp16 without loss scaling is fragile
     return teacher.eval().requires_grad_(False)
 

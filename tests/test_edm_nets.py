@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import edm_nets
+import edm_pickle
 from edm_nets import EDMPrecond
 from fixtures import EDMLoss, write_edm_pickle
 
@@ -291,7 +292,7 @@ def test_load_official_format_pickle(make, tmp_path):
     assert (b'numpy.core.multiarray' in raw) == (net.init_kwargs['model_type'] == 'SongUNet') # SongUNet skip_scale = np.sqrt(0.5)
     assert 'torch_utils' not in sys.modules and 'dnnlib' not in sys.modules
 
-    data = edm_nets.load_edm_pickle(str(path))
+    data = edm_pickle.load_edm_pickle(str(path))
     assert not marker.exists()
     loaded = data['ema']
     assert type(loaded) is EDMPrecond and not loaded.training
@@ -316,7 +317,7 @@ def test_hostile_reducer_is_refused_and_nothing_runs(kind, tmp_path):
     path.write_bytes(pickle.dumps(dict(ema=payload)))
     refused = f'{os.system.__module__}.system' if kind == 'os.system' else 'builtins.eval'
     with pytest.raises(ValueError, match=refused.replace('.', r'\.')):
-        edm_nets.load_edm_pickle(str(path))
+        edm_pickle.load_edm_pickle(str(path))
     assert not marker.exists()
 
 def test_hostile_storage_bytes_are_not_run(tmp_path):
@@ -325,18 +326,18 @@ def test_hostile_storage_bytes_are_not_run(tmp_path):
     path = tmp_path / 'evil.pkl'
     path.write_bytes(pickle.dumps(dict(ema=Evil(torch.storage._load_from_bytes, inner))))
     with pytest.raises(ValueError, match="not plain tensor data"):
-        edm_nets.load_edm_pickle(str(path))
+        edm_pickle.load_edm_pickle(str(path))
     assert not marker.exists()
 
 def test_pickle_errors_are_one_clear_line(tmp_path):
     with pytest.raises(FileNotFoundError, match='missing.pkl'):
-        edm_nets.load_edm_pickle(str(tmp_path / 'missing.pkl'))
+        edm_pickle.load_edm_pickle(str(tmp_path / 'missing.pkl'))
     class VPPrecond(torch.nn.Module):
         pass
     path = tmp_path / 'vp.pkl'
     write_edm_pickle(path, dict(ema=VPPrecond()), 'raise RuntimeError')
     with pytest.raises(ValueError, match='VPPrecond'):
-        edm_nets.load_edm_pickle(str(path))
+        edm_pickle.load_edm_pickle(str(path))
 
 #----------------------------------------------------------------------------
 # Our own network files.

@@ -11,6 +11,7 @@ import torch
 
 import dataset
 import edm_nets
+import edm_pickle
 import evaluate
 import fixtures
 import train_cifar
@@ -112,7 +113,7 @@ def test_crafted_numpy_dtype_is_refused_not_built(tmp_path):
         path = tmp_path / 'crafted.pkl'
         path.write_bytes(pickle.dumps(dict(ema=Reduce(np.dtype, (name, False, True), state))))
         with pytest.raises(ValueError, match='Refusing numpy dtype'):
-            edm_nets.load_edm_pickle(str(path))
+            edm_pickle.load_edm_pickle(str(path))
 
 def test_tensor_claiming_more_bytes_than_the_file_is_one_line(tmp_path):
     buf = io.BytesIO()
@@ -123,7 +124,7 @@ def test_tensor_claiming_more_bytes_than_the_file_is_one_line(tmp_path):
     path = tmp_path / 'huge.pkl'
     path.write_bytes(pickle.dumps(dict(ema=Reduce(torch.storage._load_from_bytes, (bytes(data),)))))
     with pytest.raises(ValueError, match='huge.pkl'):
-        edm_nets.load_edm_pickle(str(path))
+        edm_pickle.load_edm_pickle(str(path))
 
 def test_teacher_with_a_nan_weight_is_refused(tmp_path):
     net = fixtures.tiny_songunet().eval()
@@ -131,7 +132,7 @@ def test_teacher_with_a_nan_weight_is_refused(tmp_path):
         net.model.enc['8x8_conv'].weight[0, 0, 0, 0] = float('nan')
     fixtures.write_edm_pickle(tmp_path / 'nan.pkl', dict(ema=net))
     with pytest.raises(ValueError, match=r'weight model.enc.8x8_conv.weight of the "ema" network is not finite'):
-        edm_nets.load_edm_pickle(str(tmp_path / 'nan.pkl'))
+        edm_pickle.load_edm_pickle(str(tmp_path / 'nan.pkl'))
 
 #----------------------------------------------------------------------------
 # Datasets: a damaged image or dataset.json is named.

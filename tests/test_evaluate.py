@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import edm_nets
+import edm_pickle
 import evaluate
 import fdistill
 import fixtures
@@ -486,7 +487,7 @@ def test_export_edm_student_round_trips_exactly(tmp_path):
     evaluate.main(['export', '--ckpt', snapshot, '--dest', dest])
     assert sorted(os.listdir(dest)) == ['README.md', 'generator.json', 'generator.safetensors']
     generator = edm_nets.load_generator(dest)
-    official = edm_nets.load_edm_pickle(nets['teacher_path'])['ema'].state_dict()     # keys of NVIDIA's pickle format
+    official = edm_pickle.load_edm_pickle(nets['teacher_path'])['ema'].state_dict()     # keys of NVIDIA's pickle format
     state = generator.net.state_dict()
     assert state.keys() == official.keys() and all(torch.equal(state[k], ema.state_dict()[k]) for k in state)
     assert generator.sigma_init == 80.0 and json.load(open(os.path.join(dest, 'generator.json')))['weights'] == 'generator_ema'

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import edm_nets
+import edm_pickle
 import fdistill
 import sd_unet
 from test_edm_nets import inputs, randomize, tiny_adm, tiny_song
@@ -176,7 +177,7 @@ def test_clipping_snapshots_fid_per_snapshot_and_warm_start(files, tmp_path, mon
     for k, it in enumerate((1, 2)):
         assert torch.equal(reals[k], data.images(training_loop.data_indices(0, it, len(data), 4)).float() / 127.5 - 1)
     # Snapshots at 0 (the teacher copy), every --snap-every and at the end: generator and EMA only.
-    teacher = edm_nets.load_edm_pickle(str(files / 'teacher.pkl'))['ema'].state_dict()
+    teacher = edm_pickle.load_edm_pickle(str(files / 'teacher.pkl'))['ema'].state_dict()
     snaps = {it: rundir.load_checkpoint(str(out / f'snapshot-{it:07d}.pt')) for it in (0, 2, 3)}
     ckpt = rundir.load_checkpoint(str(out / 'checkpoint-0000003.pt'))
     assert set(snaps[3]) == {'iteration', 'options', 'generator_kwargs', 'sigma_init', 'head_kwargs', 'generator', 'generator_ema'}

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import edm_nets
+import edm_pickle
 import fixtures
 from fixtures import free_port, load_checkpoint as load
 
@@ -158,7 +159,7 @@ def test_resume_equals_straight_run_past_damaged_checkpoints(files, straight, tm
 
 def test_schedule_follows_algorithm1(files, straight):
     # tau = 5: iterations 0 and 5 update only the generator; 1-4 and 6 only the fake score and the head.
-    teacher = edm_nets.load_edm_pickle(str(files / 'teacher.pkl'))['ema'].state_dict()
+    teacher = edm_pickle.load_edm_pickle(str(files / 'teacher.pkl'))['ema'].state_dict()
     ckpt = {i: load(straight, i) for i in range(1, 8)}
     assert changed(teacher, ckpt[1]['generator']) and not changed(teacher, ckpt[1]['fake_score'])
     for it in range(1, 7):
@@ -169,7 +170,7 @@ def test_schedule_follows_algorithm1(files, straight):
 
 def test_ema_follows_generator_steps(files, straight):
     # EMA with half-life 0.01 kimg at batch 8: beta = 0.5 ** (8 / 10), updated on generator steps only.
-    teacher = edm_nets.load_edm_pickle(str(files / 'teacher.pkl'))['ema'].state_dict()
+    teacher = edm_pickle.load_edm_pickle(str(files / 'teacher.pkl'))['ema'].state_dict()
     beta = 0.5 ** (8 / 10)
     ckpt = {i: load(straight, i) for i in (1, 5, 6)}
     expect1 = {k: beta * teacher[k] + (1 - beta) * ckpt[1]['generator'][k] for k in teacher}
@@ -224,7 +225,7 @@ def test_lpips_regression_pairs_and_loss(files, tmp_path):
     train(files, tmp_path / 'run', '--iterations', '1', '--reg-weight', '0.25', '--reg-pairs', '4',
                    '--reg-batch', '2', '--reg-steps', '2', '--lpips-vgg', str(tmp_path / 'vgg16.pth'))
     pairs = torch.load(tmp_path / 'run' / 'reg_pairs_4_2steps.pt', weights_only=True)
-    teacher = edm_nets.load_edm_pickle(str(files / 'teacher.pkl'))['ema']
+    teacher = edm_pickle.load_edm_pickle(str(files / 'teacher.pkl'))['ema']
     z = edm_nets.StackedRandomGenerator('cpu', [3]).randn([1, 3, 8, 8])
     import dataset
     label = dataset.ImageDataset(str(files / 'data.zip')).one_hot([3], 4)
@@ -294,6 +295,7 @@ def test_plot_draws_the_logged_values(straight, tmp_path):
     import shutil
     import PIL.Image
     import evaluate
+    import read_run
     run = tmp_path / 'run'
     os.makedirs(run)
     for name in ('stats.jsonl', 'training_options.json'):
@@ -307,7 +309,7 @@ def test_plot_draws_the_logged_values(straight, tmp_path):
                           dict(iteration=3, path='snapshot-0000003.pt', fid=12.5, num_images=64)],
                best=dict(iteration=7, path='snapshot-0000007.pt', fid=9.0))
     stats = [json.loads(line) for line in open(run / 'stats.jsonl')]
-    figures = dict(evaluate.run_figures(stats, json.load(open(run / 'training_options.json')), fid))
+    figures = dict(read_run.run_figures(stats, json.load(open(run / 'training_options.json')), fid))
     assert sorted(figures) == ['discriminator', 'fid', 'losses', 'speed', 'weights']
     def line(name, title_part, label):
         ax = next(ax for ax in figures[name].axes if title_part in ax.get_title())
