@@ -1,6 +1,24 @@
 """f-distill: one-step diffusion distillation by f-divergence distribution matching.
 
 Xu, Nie, Vahdat, "One-step Diffusion Models with f-Divergence Distribution Matching", 2025.
+
+Algorithm 1 in the code (the README's map):
+  line 1      networks, tau, w_GAN, r_min/r_max     train_edm.py:build_task, train_t2i.py:build_task, flags.py:parse_args
+  line 2      for iteration in 0..M                 training_loop.py:training_loop
+  line 3      x ~ p_data, eps, t                    training_loop.py:draw, training_loop.py:RealSamples, sample_sigma
+  line 4      y = G(eps)                            training_loop.py:generator_step, training_loop.py:critic_step
+  line 5      TTUR: generator every tau             training_loop.py:training_loop
+  line 6      r = clip(exp(logit))                  ratio
+  line 7      first-stage normalisation             normalize_ratio
+  line 8      h(r)                                  DIVERGENCES, divergence
+  line 9      second-stage normalisation            normalize_weight       (lines 6-9 together: weights)
+  line 10     f-distill loss, Eq. 4                 fdistill_loss
+  line 11     generator GAN loss                    gan_generator_loss
+  line 12     update the student                    generator_loss, training_loop.py:optimizer_step
+  line 14     fake score by DSM                     fake_score_loss        (in critic_loss)
+  line 15     discriminator GAN loss + R1           gan_discriminator_loss, r1_penalty, r1_penalty_approx (in critic_loss)
+              generator EMA                         training_loop.py:update_ema
+
 The whole method, independent of the data domain. Networks come in as callables in EDM's convention:
   teacher(x, sigma)    -> (D_x, features)  frozen teacher denoiser with a feature tap (critic_loss reads
                                            only the features, so D_x may be None there),
