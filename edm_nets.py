@@ -1,5 +1,5 @@
 """EDM teachers (Karras et al. 2022), weight-compatible with NVIDIA's released pickles, plus the
-one-step generator, the Heun sampler, and our own network and export files (NVIDIA's pickles: edm_pickle.py).
+one-step generator, the Heun sampler, and the exported generator's files (NVIDIA's pickles: edm_pickle.py).
 
 Module names, constructor arguments and state-dict keys follow NVlabs/edm `training/networks.py`, so
 `load_state_dict(..., strict=True)` works with the released weights."""
@@ -607,7 +607,7 @@ def sigma_steps(num_steps=18, sigma_min=0.002, sigma_max=80, rho=7):
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
 
 def edm_sampler(
-    net, latents, class_labels=None, randn_like=torch.randn_like,
+    net, latents, class_labels=None, randn_like=torch.randn_like, *,
     num_steps=18, sigma_min=0.002, sigma_max=80, rho=7,
     S_churn=0, S_min=0, S_max=float('inf'), S_noise=1,
 ):
@@ -643,22 +643,6 @@ class StackedRandomGenerator:
     def randint(self, *args, size, **kwargs):
         assert size[0] == len(self.generators)
         return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
-
-#----------------------------------------------------------------------------
-# Our own network files: constructor kwargs + state dict, plain tensors only.
-
-def save_network(path, net):
-    tmp = path + '.tmp'
-    torch.save(dict(kwargs=net.init_kwargs, state_dict=net.state_dict()), tmp)
-    os.replace(tmp, path)
-
-def load_network(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'Network file not found: {path} (write it with edm_nets.save_network)')
-    data = torch.load(path, map_location='cpu', weights_only=True)
-    net = EDMPrecond(**data['kwargs'])
-    net.load_state_dict(data['state_dict'], strict=True)
-    return net
 
 #----------------------------------------------------------------------------
 # An exported one-step generator, for use outside this repository (evaluate.py export): generator.safetensors

@@ -308,10 +308,6 @@ def teacher_sampler(teacher, preset='cifar10', num_steps=None):
     sample = lambda z, labels, rnd: edm_nets.edm_sampler(teacher, z, labels, randn_like=rnd.randn_like, **kwargs)
     return edm_sampler(teacher, sample, dict(sampler=preset, steps=kwargs['num_steps']))
 
-def edm_steps(preset):
-    import edm_nets
-    return edm_nets.SAMPLER_PRESETS[preset]['num_steps']
-
 #----------------------------------------------------------------------------
 # Text-to-image (Table 4). A train_t2i.py checkpoint holds the one-step generator's SDUNet (constructor kwargs
 # in 'unet_config'; weights in 'generator' / 'generator_ema' as sd_unet.SDGenerator's 'unet.*') and the SD v1.5

@@ -340,15 +340,29 @@ def test_pickle_errors_are_one_clear_line(tmp_path):
         edm_pickle.load_edm_pickle(str(path))
 
 #----------------------------------------------------------------------------
-# Our own network files.
+# A network file of constructor kwargs + state dict, plain tensors only: EDMPrecond's init_kwargs rebuild it.
+# (Only this test uses the format; it moved here from edm_nets.py.)
+
+def save_network(path, net):
+    tmp = path + '.tmp'
+    torch.save(dict(kwargs=net.init_kwargs, state_dict=net.state_dict()), tmp)
+    os.replace(tmp, path)
+
+def load_network(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'Network file not found: {path} (write it with save_network)')
+    data = torch.load(path, map_location='cpu', weights_only=True)
+    net = EDMPrecond(**data['kwargs'])
+    net.load_state_dict(data['state_dict'], strict=True)
+    return net
 
 def test_save_and_load_network(tmp_path):
     net = randomize(tiny_adm()).eval()
     path = str(tmp_path / 'net.pt')
-    edm_nets.save_network(path, net)
+    save_network(path, net)
     assert os.listdir(tmp_path) == ['net.pt']
-    loaded = edm_nets.load_network(path).eval()
+    loaded = load_network(path).eval()
     x, sigma, labels = inputs()
     assert loaded.init_kwargs == net.init_kwargs and torch.equal(loaded(x, sigma, labels), net(x, sigma, labels))
     with pytest.raises(FileNotFoundError, match='nope.pt'):
-        edm_nets.load_network(str(tmp_path / 'nope.pt'))
+        load_network(str(tmp_path / 'nope.pt'))
