@@ -24,7 +24,9 @@ from a caption list (seed s gets line s mod N); `generate` writes captions.txt b
 (Script flags avoid prefixes of torchrun's own flags, e.g. --run or --num, which torchrun would claim.)
 FID exactly as EDM's fid.py: NVIDIA's Inception-v3 TorchScript, features summed in float64, unbiased
 covariance, scipy's sqrtm. Precision/recall of Kynkaenniemi et al. 2019 (k = 3) as ADM's evaluator computes
-them. Every path comes from the user; nothing is downloaded.
+them. Every path comes from the user; nothing is downloaded. This file holds sampling, the metrics and the
+command line; `plot` and `weights` run read_run.py (reading a run), `export` runs export.py, run checkpoints are
+read back by students.py.
 """
 
 import io
