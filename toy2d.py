@@ -27,7 +27,7 @@ import scipy.integrate
 import torch
 
 import fdistill
-import training_loop
+import rundir
 
 NAMES = ['rkl', 'srkl', 'js', 'hellinger', 'fkl', 'jeffreys']    # Table 1, most to least mode-seeking
 COLORS = dict(rkl='tab:blue', srkl='tab:cyan', js='tab:green', hellinger='tab:olive', fkl='tab:red', jeffreys='tab:purple')
@@ -297,9 +297,9 @@ def critic_step(G, teacher, fake_score, head, opt, mixture, sigma_data, levels, 
     B = o['batch']
     with torch.no_grad():
         y = G(torch.randn(B, 2))
-    loss, stats = fdistill.critic_loss(y, mixture.sample(B), fdistill.sample_sigma(levels, B), torch.randn(B, 2),
-        fdistill.sample_sigma(levels, B), torch.randn(B, 2), torch.randn(B, 2),
-        teacher, fake_score, head, o['gamma'], sigma_data)                  # Alg. 1 lines 14-15
+    loss, stats = fdistill.critic_loss(y=y, x_real=mixture.sample(B),                # Alg. 1 lines 14-15
+        draws=fdistill.CriticNoise(fdistill.sample_sigma(levels, B), torch.randn(B, 2), fdistill.sample_sigma(levels, B), torch.randn(B, 2), torch.randn(B, 2)),
+        teacher=teacher, fake_score=fake_score, head=head, gamma=o['gamma'], sigma_data=sigma_data)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -314,7 +314,8 @@ def critic_step(G, teacher, fake_score, head, opt, mixture, sigma_data, levels, 
 # at small sigma it stays bounded, as the fake score's error in D is O(sigma) there (EDM's c_out).
 def generator_loss(y, sigma, noise, teacher, fake_score, head, div, edges, o):
     w = None if o['weighting'] == 'dmd' else 1 / sigma                     # DMD's normaliser, or 1/sigma
-    return fdistill.generator_loss(y, sigma, noise, teacher, fake_score, head, div, o['r_min'], o['r_max'], edges, o['w_gan'], w=w)
+    return fdistill.generator_loss(y=y, draws=fdistill.GeneratorNoise(sigma, noise), teacher=teacher, fake_score=fake_score, head=head,
+                                   div=div, ratio_norm=fdistill.RatioNorm(o['r_min'], o['r_max'], edges), w_gan=o['w_gan'], w=w)
 
 # Per seed, one start shared by all divergences and settings: the generator regressed onto the skewed
 # two-mode mixture, then the fake score and the discriminator head trained on that generator.
@@ -610,8 +611,8 @@ def main(argv=None):
     plot_mode_coverage(os.path.join(args.outdir, 'mode_coverage.png'), mixture, initial[0][:3000], samples, results['mode_coverage'])
     fig8 = args.settings[0]
     plot_fig8(os.path.join(args.outdir, 'fig8.png'), mixture, initial[0], samples[fig8], sigma=o['radius'] * math.sin(math.pi / o['num_modes']) * 2 / 3)
-    training_loop.atomic_write(os.path.join(args.outdir, 'results.json'), lambda f: f.write(json.dumps(results, indent=1).encode()))
-    training_loop.atomic_write(os.path.join(args.outdir, 'results.md'), lambda f: f.write(markdown(results).encode()))
+    rundir.atomic_write(os.path.join(args.outdir, 'results.json'), lambda f: f.write(json.dumps(results, indent=1).encode()))
+    rundir.atomic_write(os.path.join(args.outdir, 'results.md'), lambda f: f.write(markdown(results).encode()))
     progress(f'fig8.png ({fig8}), mode_coverage.png, results.json, results.md written to {args.outdir}')
     print(markdown(results))
 

@@ -415,6 +415,4 @@ def main(opts, build_task):
     training_loop(opts, task, rank, world, device, resumed)
     distributed.close_distributed()
 
-atomic_write = rundir.atomic_write              # toy2d.py's name for it, until toy2d imports rundir
-
 #----------------------------------------------------------------------------

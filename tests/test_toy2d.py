@@ -108,8 +108,8 @@ def test_discriminator_on_teacher_features_learns_log_ratio(one_thread):
     opt = torch.optim.Adam([*fake_score.parameters(), *head.parameters()], lr=1e-3)
     B = 256
     for _ in range(300):
-        loss, _ = fdistill.critic_loss(q.sample(B), mixture.sample(B), fdistill.sample_sigma(levels, B), torch.randn(B, 2),
-            fdistill.sample_sigma(levels, B), torch.randn(B, 2), torch.randn(B, 2), teacher, fake_score, head, 0.0, 1.43)
+        loss, _ = fdistill.critic_loss(y=q.sample(B), x_real=mixture.sample(B), draws=fdistill.CriticNoise(fdistill.sample_sigma(levels, B), torch.randn(B, 2),
+            fdistill.sample_sigma(levels, B), torch.randn(B, 2), torch.randn(B, 2)), teacher=teacher, fake_score=fake_score, head=head, gamma=0.0, sigma_data=1.43)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -142,7 +142,7 @@ def test_generator_loss_weighting(one_thread):
     with torch.no_grad():
         x_t = y + sigma[:, None] * noise
         D_teacher, features = teacher(x_t, sigma[:, None])
-        h_bar, _ = fdistill.weights(head(features), sigma, div, 1e-3, 1e3, edges)
+        h_bar = fdistill.weights(head(features), sigma, div, 1e-3, 1e3, edges)
         expected = h_bar[:, None] * (fake_score(x_t, sigma[:, None]) - D_teacher) / sigma[:, None] / y.numel()
     assert stats['h_ess'] < 1                                   # h varies: the weights are not all equal
     # fdistill's mse forms y - (y - grad) in float32: an absolute error of a few eps32 * |y| per element.
@@ -151,7 +151,8 @@ def test_generator_loss_weighting(one_thread):
     for w_gan in [0.0, 1e-3]:
         o = dict(weighting='dmd', w_gan=w_gan, r_min=1e-3, r_max=1e3)
         ours, _ = toy2d.generator_loss(y, sigma, noise, teacher, fake_score, head, div, edges, o)
-        theirs, _ = fdistill.generator_loss(y, sigma, noise, teacher, fake_score, head, div, 1e-3, 1e3, edges, w_gan)
+        theirs, _ = fdistill.generator_loss(y=y, draws=fdistill.GeneratorNoise(sigma, noise), teacher=teacher, fake_score=fake_score, head=head,
+                                            div=div, ratio_norm=fdistill.RatioNorm(1e-3, 1e3, edges), w_gan=w_gan)
         assert ours.item() == theirs.item()
 
 #----------------------------------------------------------------------------
