@@ -185,9 +185,13 @@ class UNetBlock(torch.nn.Module):
 
         if self.num_heads:
             # qkv channels are laid out [head, channel, (q,k,v)], as in EDM; softmax(q^T k / sqrt(c)) v.
-            q, k, v = self.qkv(self.norm2(x)).reshape(x.shape[0] * self.num_heads, x.shape[1] // self.num_heads, 3, -1).unbind(2)
-            a = torch.nn.functional.scaled_dot_product_attention(q.mT, k.mT, v.mT).mT
-            x = self.proj(a.reshape(*x.shape)).add_(x)
+            # SDPA gets [batch, head, pixel, channel] with channels contiguous (one copy), the layout the fused
+            # kernels (flash, memory-efficient, cuDNN) accept; strided channels fall back to the math kernel.
+            B, C, H, W = x.shape
+            qkv = self.qkv(self.norm2(x)).reshape(B, self.num_heads, C // self.num_heads, 3, H * W)
+            q, k, v = qkv.permute(3, 0, 1, 4, 2).contiguous().unbind(0)
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            x = self.proj(a.transpose(2, 3).reshape(B, C, H, W)).add_(x)
             x = x * self.skip_scale
         return x
 

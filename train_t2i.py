@@ -1,7 +1,7 @@
 """f-distill of Stable Diffusion v1.5 into a one-step text-to-image generator (Table 5, COYO-700M column).
 
     torchrun --nproc_per_node=8 train_t2i.py --f js --sd stable-diffusion-v1-5/ \\
-        --data captions.jsonl --outdir runs/sd15-js --grad-ckpt
+        --data captions.jsonl --outdir runs/sd15-js
 
 Algorithm 1 in SD's latent space. The UNets speak EDM's denoiser convention through sd_unet.sd_denoiser,
 so the loop, losses and checkpoints are those of train_cifar.py / train_imagenet.py (training_loop.py).
@@ -10,6 +10,7 @@ run `--f rkl --iterations 10000` first, then `--f js --init-from <that run>/chec
 last checkpoint is always kept; snapshot-*.pt files hold the generator only, no discriminator).
 """
 
+import argparse
 import copy
 import csv
 import json
@@ -46,7 +47,7 @@ def add_t2i_args(p):
     p.add_argument('--data',            default=None,               help='Image-caption pairs: a .jsonl ({"image", "caption"}), a .csv (image,caption) or a folder of images with .txt captions')
     p.add_argument('--cfg',             default=1.75, type=float,   help='Classifier-free guidance of the teacher denoiser (Table 5)')
     p.add_argument('--resolution',      default=512, type=flags.positive_int, help='Image resolution; latents are resolution / 8')
-    p.add_argument('--grad-ckpt',       action='store_true',        help='Gradient checkpointing in all three UNets')
+    p.add_argument('--grad-ckpt',       default=True, action=argparse.BooleanOptionalAction, help='Gradient checkpointing in all three UNets; the preset\'s 128 per GPU needs it on 80 GB GPUs')
     p.add_argument('--encode-batch',    default=16, type=flags.positive_int, help='Images per VAE call when caching latents')
 
 #----------------------------------------------------------------------------
@@ -156,9 +157,9 @@ def build_task(opts, device, rank, world):
         return D_x, [features['mid']]
 
     def cond(indices):
-        return sd_unet.encode_prompts(sd['tokenizer'], sd['text_encoder'], [pairs[i][1] for i in indices]).to(device)
+        return text_context(sd, [pairs[i][1] for i in indices], device, opts.precision)
 
-    def to_images(y):
+    def to_images(y):       # in chunks of sd_unet.VAE_DECODE_BATCH images: the decoder's activations are the grid's peak
         return ((sd_unet.vae_decode(sd['vae'], y.float()) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
     return training_loop.Task(
@@ -168,6 +169,11 @@ def build_task(opts, device, rank, world):
         to_images=to_images, sigma_levels=sd_unet.SIGMAS.float(), dsm_weight=fdistill.eps_weight,     # the fake score's DSM in SD's eps-MSE (DMD2)
         meta=dict(sd=os.path.abspath(opts.sd), unet_config=sd['unet_config'], head_kwargs=head_kwargs, cfg=opts.cfg),
         captions=lambda indices: [pairs[i][1] for i in indices])
+
+# The prompts' CLIP context, every round: under bf16 autocast with --precision bf16 as the UNets run (fp32 otherwise).
+def text_context(sd, prompts, device, precision):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16'):
+        return sd_unet.encode_prompts(sd['tokenizer'], sd['text_encoder'], prompts).to(device)
 
 def trainable_copy(unet, grad_ckpt):
     unet = copy.deepcopy(unet).train().requires_grad_(True)

@@ -72,19 +72,52 @@ def test_sigma_shapes_and_missing_labels():
     assert torch.allclose(net(x, 5.0, labels), scalar, atol=1e-6)
     assert net(x, sigma).shape == x.shape # no labels: EDM feeds an all-zero label vector
 
-def test_attention_matches_edm_softmax_formula(monkeypatch):
-    # EDM: w = softmax_k(sum_c q[c,q] k[c,k] / sqrt(C)), a[c,q] = sum_k w[q,k] v[c,k], in fp32.
-    def edm_attention(qT, kT, vT):
-        q, k, v = qT.mT, kT.mT, vT.mT
-        w = torch.einsum('ncq,nck->nqk', q.float(), k.float() / np.sqrt(k.shape[1])).softmax(dim=2).to(q.dtype)
-        return torch.einsum('nqk,nck->ncq', w, v).mT
+# EDM's attention on its own layout: qkv channels [head, channel, (q,k,v)], w = softmax_k(sum_c q[c,q] k[c,k] / sqrt(c)),
+# a[c,q] = sum_k w[q,k] v[c,k], in fp32; then proj and the residual, as the last part of a UNetBlock.
+def edm_attention_output(block, x):
+    q, k, v = block.qkv(block.norm2(x)).reshape(x.shape[0] * block.num_heads, x.shape[1] // block.num_heads, 3, -1).unbind(2)
+    w = torch.einsum('ncq,nck->nqk', q, k / np.sqrt(k.shape[1])).softmax(dim=2)
+    a = torch.einsum('nqk,nck->ncq', w, v)
+    return (block.proj(a.reshape(*x.shape)) + x) * block.skip_scale
+
+def test_attention_matches_edm_softmax_formula():
+    for net in [randomize(tiny_song()).eval(), randomize(tiny_adm()).eval()]:
+        blocks = [b for b in net.modules() if isinstance(b, edm_nets.UNetBlock) and b.num_heads]
+        seen = {}
+        hooks = [b.norm2.register_forward_pre_hook(lambda m, args, b=b: seen.__setitem__(b, [args[0].clone()])) for b in blocks]
+        hooks += [b.register_forward_hook(lambda m, args, out, b=b: seen[b].append(out)) for b in blocks]
+        x, sigma, labels = inputs()
+        with torch.no_grad():
+            net(x, sigma, labels)
+            for block, (x_in, ours) in seen.items():
+                reference = edm_attention_output(block, x_in)
+                # fp32, different summation orders: dot products over c channels, sums over N pixels, proj over C
+                # channels, each off by at most (terms) * eps relative to the magnitudes summed (values ~1).
+                c, C, N = x_in.shape[1] // block.num_heads, x_in.shape[1], x_in[0, 0].numel()
+                tol = (c + N + C) * torch.finfo(torch.float32).eps * reference.abs().max()
+                torch.testing.assert_close(ours, reference, atol=tol, rtol=0)
+        assert len(seen) == len(blocks) > 0
+        for h in hooks:
+            h.remove()
+
+# The fused SDPA kernels (flash, memory-efficient, cuDNN) take only [batch, head, token, channel] tensors whose
+# channels are contiguous; anything else runs the math kernel, which stores every attention map in fp32.
+def test_attention_reaches_a_fused_sdpa_kernel(monkeypatch):
+    from torch.nn.attention import SDPBackend
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+    def spy(q, k, v, *args, **kwargs):
+        calls.append(([t.dim() for t in (q, k, v)], [t.stride(-1) for t in (q, k, v)], SDPBackend(torch._fused_sdp_choice(q, k, v))))
+        return sdpa(q, k, v, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention', spy)
     for net in [randomize(tiny_song()).eval(), randomize(tiny_adm()).eval()]:
         x, sigma, labels = inputs()
-        ours = net(x, sigma, labels)
-        with monkeypatch.context() as m:
-            m.setattr(torch.nn.functional, 'scaled_dot_product_attention', edm_attention)
-            reference = net(x, sigma, labels)
-        assert torch.allclose(ours, reference, atol=1e-5)
+        for dtype in [torch.float32, torch.bfloat16]:
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                net(x, sigma, labels)
+    assert len(calls) >= 4
+    for dims, strides, backend in calls:
+        assert dims == [4, 4, 4] and strides == [1, 1, 1] and backend != SDPBackend.MATH, (dims, strides, backend)
 
 def test_use_fp16_is_ignored_off_cuda():
     net = randomize(tiny_adm()).eval()

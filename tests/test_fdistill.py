@@ -404,6 +404,22 @@ def test_discriminator_head_on_8x8_has_dmd2_layer_shapes():
     assert [tuple(p.shape) for p in head.parameters()] == dmd2
     assert [m.num_groups for m in head.modules() if isinstance(m, torch.nn.GroupNorm)] == [32, 32]
 
+# Under bf16 autocast (the teacher's features arrive in bf16) the head still computes its logits in fp32, so
+# r = exp(logit) keeps fp32 resolution: the same numbers as the head run without autocast on the upcast features
+# (bitwise: the same fp32 operations on the same inputs), and gradients reach the bf16 features.
+def test_discriminator_head_logits_are_fp32_under_bf16_autocast():
+    gen = torch.Generator().manual_seed(15)
+    head = fdistill.DiscriminatorHead([16, 8], [8, 4])
+    features = [torch.randn(5, c, res, res, generator=gen).bfloat16().requires_grad_(True) for c, res in [(16, 8), (8, 4)]]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        logits = head(features)
+        r = fdistill.ratio(logits, 1e-2, 1e2)
+    assert logits.dtype == torch.float32 and r.dtype == torch.float32
+    reference = head([f.detach().float() for f in features])
+    assert torch.equal(logits, reference)
+    logits.sum().backward()
+    assert all(f.grad is not None and f.grad.dtype == torch.bfloat16 and f.grad.abs().sum() > 0 for f in features)
+
 #----------------------------------------------------------------------------
 # One generator step and one critic step (Alg. 1) with tiny networks.
 

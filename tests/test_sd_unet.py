@@ -318,3 +318,22 @@ def test_load_sd_errors_name_the_problem(tiny_sd, tmp_path):
     load_sd(folder)
 
 #----------------------------------------------------------------------------
+
+# The sample grid decodes in chunks of at most VAE_DECODE_BATCH latents, and the images are those of one call.
+def test_vae_decode_in_bounded_chunks_equals_one_call(tiny_sd):
+    vae = load_sd(tiny_sd[0])['vae']
+    latents = torch.randn(10, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    sizes = []
+    decode = vae.decode
+    vae.decode = lambda z, *args, **kwargs: sizes.append(len(z)) or decode(z, *args, **kwargs)
+    chunked = vae_decode(vae, latents, batch=4)
+    default = vae_decode(vae, latents[:sd_unet.VAE_DECODE_BATCH + 1])
+    vae.decode = decode
+    assert sizes == [4, 4, 2, sd_unet.VAE_DECODE_BATCH, 1]
+    with torch.no_grad():
+        one_call = vae.decode(latents / vae.config.scaling_factor).sample.float().clamp(-1, 1)
+    # Per-image layers (GroupNorm, convolutions, per-image attention): only the kernels' summation order may change with
+    # the batch. Each output sums <= 9 * 16 products a convolution, over 16 convolutions, |activations| ~1: 16 * 144 * eps.
+    tol = 16 * 9 * 16 * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(chunked, one_call, atol=tol, rtol=0)
+    torch.testing.assert_close(default, one_call[:sd_unet.VAE_DECODE_BATCH + 1], atol=tol, rtol=0)

@@ -12,6 +12,9 @@ import pytest
 import torch
 
 from fixtures import free_port, load_checkpoint as load
+import sd_unet
+import train_t2i
+import flags
 from test_sd_unet import write_tiny_sd_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,3 +72,24 @@ def test_bad_inputs_fail_with_one_line(files, tmp_path):
     for args, expect in cases:
         result = train(files, tmp_path / 'run', '--iterations', '1', *args, nproc=1, check=False)
         assert result.returncode != 0 and expect in result.stderr.strip().splitlines()[-1], result.stderr[-500:]
+
+# SD's preset trains with gradient checkpointing (128 per GPU does not fit 80 GB without it); --no-grad-ckpt turns it off.
+def test_gradient_checkpointing_is_on_by_default():
+    parse = lambda *argv: flags.parse_args(train_t2i.__doc__, train_t2i.PRESET, train_t2i.add_t2i_args, list(argv))
+    assert parse().grad_ckpt is True and parse('--grad-ckpt').grad_ckpt is True and parse('--no-grad-ckpt').grad_ckpt is False
+
+# The text encoder runs every round: in bf16 matmuls under --precision bf16, and exactly as before in fp32.
+def test_text_context_follows_precision(files):
+    sd = sd_unet.load_sd(str(files / 'sd'))
+    dtypes = []
+    hooks = [m.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype)) for m in sd['text_encoder'].modules() if isinstance(m, torch.nn.Linear)]
+    bf16 = train_t2i.text_context(sd, CAPTIONS[:2], torch.device('cpu'), 'bf16')
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    dtypes.clear()
+    fp32 = train_t2i.text_context(sd, CAPTIONS[:2], torch.device('cpu'), 'fp32')
+    assert set(dtypes) == {torch.float32}
+    assert torch.equal(fp32, sd_unet.encode_prompts(sd['tokenizer'], sd['text_encoder'], CAPTIONS[:2]))
+    # bf16 rounds to 2^-8 relative; the tiny CLIP rounds ~16 times in a row (embeddings, 2 layers x 6 matmuls, norm).
+    torch.testing.assert_close(bf16.float(), fp32, atol=16 * 2 ** -8 * fp32.abs().max().item(), rtol=0)
+    for h in hooks:
+        h.remove()
