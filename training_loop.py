@@ -83,6 +83,7 @@ def parse_args(description, preset, add_task_args=None, argv=None):
     p.add_argument('--ratio-ema',       default=0.0,                type=non_negative_float, help='EMA decay of the stage-1 per-bin ratio means across iterations (FastGen: 0.5 on ImageNet-64); 0 = this batch only')
     p.add_argument('--disc-res',        default=preset['disc_res'], type=str,   help='Teacher feature resolutions the discriminator reads, e.g. 32,16,8 (Table 5)')
     p.add_argument('--ema-halflife-kimg', default=preset.get('ema_halflife_kimg', 0), type=non_negative_float, help='EMA half-life of the generator in kimg of generator-step images; 0 = off')
+    p.add_argument('--ema-rampup',      default=preset.get('ema_rampup', 0.05), type=non_negative_float, help='EMA ramp-up: the half-life is at most this times the images the generator has seen (EDM: 0.05); 0 = off')
     p.add_argument('--seed',            default=0,                  type=int,   help='Seed of all randomness (every iteration draws from seed and iteration)')
     p.add_argument('--log-every',       default=preset.get('log_every', 50), type=positive_int, help='Iterations between stats.jsonl lines')
     p.add_argument('--snap-every',      default=preset.get('snap_every', 1000), type=positive_int, help='Iterations between generator snapshots (EMA and raw weights, all kept) and sample grids')
@@ -553,7 +554,7 @@ def training_loop(opts, task, rank, world, device, resumed=None):
         if it % opts.tau == 0:                                                              # Alg. 1 line 5
             ok, stats = generator_step(it, div)
             if ok and ema is not None:
-                beta = 0.5 ** (opts.batch / (opts.ema_halflife_kimg * 1000))
+                beta = ema_beta(opts.batch, (it // opts.tau) * opts.batch, opts.ema_halflife_kimg, opts.ema_rampup)
                 with torch.no_grad():
                     for p_ema, p in zip(ema.parameters(), generator.parameters()):
                         p_ema.lerp_(p, 1 - beta)
@@ -588,6 +589,12 @@ def training_loop(opts, task, rank, world, device, resumed=None):
             last_ckpt = os.path.join(opts.outdir, f'checkpoint-{done:07d}.pt')
     run.log(f'Done: {opts.iterations - start} iterations in {(time.time() - t_start) / 3600:.2f} h, {nan_total} skipped steps')
 
+# EMA decay of one generator step, as EDM's training loop: the half-life is ramp-up x images the generator has
+# seen before this step, up to the preset's, so a short run's EMA follows the generator (its first step copies it).
+def ema_beta(batch, nimg, halflife_kimg, rampup):
+    halflife_nimg = min(halflife_kimg * 1000, nimg * rampup) if rampup > 0 else halflife_kimg * 1000
+    return 0.5 ** (batch / max(halflife_nimg, 1e-8))
+
 # Samples per GPU per round, and accumulation rounds.
 def batch_split(opts, world):
     if opts.batch % world:
@@ -615,7 +622,7 @@ def start_state(opts, run):
 # each damaged newer one reported in the log; (None, None) for a run killed before its first checkpoint.
 # Exact resume needs the recipe the checkpoint was trained with.
 RECIPE = ('f', 'seed', 'batch', 'tau', 'w_gan', 'lr', 'lr_head', 'lr2', 'lr2_at', 'wd', 'r1_gamma', 'r1_approx', 'r_min', 'r_max', 'num_bins',
-          'ratio_ema', 'disc_res', 'ema_halflife_kimg', 'grad_clip', 'precision', 'sigma_init', 'reg_weight', 'cfg', 'resolution')
+          'ratio_ema', 'disc_res', 'ema_halflife_kimg', 'ema_rampup', 'grad_clip', 'precision', 'sigma_init', 'reg_weight', 'cfg', 'resolution')
 
 def resume_checkpoint(opts, run):
     if opts.resume != 'latest':
