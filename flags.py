@@ -47,6 +47,7 @@ def parse_args(description, preset, add_task_args=None, argv=None):
     p.add_argument('--ratio-ema',       default=0.0,                type=non_negative_float, help='EMA decay of the stage-1 per-bin ratio means across iterations (FastGen: 0.5 on ImageNet-64); 0 = this batch only')
     p.add_argument('--disc-res',        default=preset['disc_res'], type=str,   help='Teacher feature resolutions the discriminator reads, e.g. 32,16,8 (Table 5)')
     p.add_argument('--ema-halflife-kimg', default=preset.get('ema_halflife_kimg', 0), type=non_negative_float, help='EMA half-life of the generator in kimg of generator-step images; 0 = off')
+    p.add_argument('--ema-rampup',      default=preset.get('ema_rampup', 0.05), type=non_negative_float, help='EMA ramp-up: the half-life is at most this times the images the generator has seen (EDM: 0.05); 0 = off')
     p.add_argument('--seed',            default=0,                  type=int,   help='Seed of all randomness (every iteration draws from seed and iteration)')
     p.add_argument('--log-every',       default=preset.get('log_every', 50), type=positive_int, help='Iterations between stats.jsonl lines')
     p.add_argument('--snap-every',      default=preset.get('snap_every', 1000), type=positive_int, help='Iterations between generator snapshots (EMA and raw weights, all kept) and sample grids')

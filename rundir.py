@@ -181,7 +181,7 @@ def start_state(opts, run):
 # each damaged newer one reported in the log; (None, None) for a run killed before its first checkpoint.
 # Exact resume needs the recipe the checkpoint was trained with.
 RECIPE = ('f', 'seed', 'batch', 'tau', 'w_gan', 'lr', 'lr_head', 'lr2', 'lr2_at', 'wd', 'r1_gamma', 'r1_approx', 'r_min', 'r_max', 'num_bins',
-          'ratio_ema', 'disc_res', 'ema_halflife_kimg', 'grad_clip', 'precision', 'sigma_init', 'reg_weight', 'cfg', 'resolution')
+          'ratio_ema', 'disc_res', 'ema_halflife_kimg', 'ema_rampup', 'grad_clip', 'precision', 'sigma_init', 'reg_weight', 'cfg', 'resolution')
 
 def resume_checkpoint(opts, run):
     if opts.resume != 'latest':

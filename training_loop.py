@@ -66,7 +66,7 @@ def training_loop(opts, task, rank, world, device, resumed=None):
         if generator_turn:
             ok, stats = generator_step(s, draws)                            # Alg. 1 lines 4, 6-12
             if ok:
-                update_ema(s)
+                update_ema(s, it)
         else:
             ok, stats = critic_step(s, draws, next(loader))                 # Alg. 1 lines 4, 14-15
         nan_total, nan_run = nan_total + (not ok), 0 if ok else nan_run + 1
@@ -244,13 +244,19 @@ def set_lr(s, it):
     s.opt_c.param_groups[1]['lr'] = lr_head
 
 # The generator's EMA after each generator step, with a half-life in images of generator steps.
-def update_ema(s):
+def update_ema(s, it):
     if s.ema is None:
         return
-    beta = 0.5 ** (s.opts.batch / (s.opts.ema_halflife_kimg * 1000))
+    beta = ema_beta(s.opts.batch, (it // s.opts.tau) * s.opts.batch, s.opts.ema_halflife_kimg, s.opts.ema_rampup)
     with torch.no_grad():
         for p_ema, p in zip(s.ema.parameters(), s.generator.parameters()):
             p_ema.lerp_(p, 1 - beta)
+
+# EMA decay of one generator step, as EDM's training loop: the half-life is ramp-up x images the generator has
+# seen before this step, up to the preset's, so a short run's EMA follows the generator (its first step copies it).
+def ema_beta(batch, nimg, halflife_kimg, rampup):
+    halflife_nimg = min(halflife_kimg * 1000, nimg * rampup) if rampup > 0 else halflife_kimg * 1000
+    return 0.5 ** (batch / max(halflife_nimg, 1e-8))
 
 # A new run: its options, one line saying what runs, and the generator as it starts (a FID curve begins where the run did).
 def begin(s, run):
