@@ -6,9 +6,12 @@ Xu, Nie, Vahdat, "One-step Diffusion Models with f-Divergence Distribution Match
   score_weight.png   score difference and forward-KL's h over the plane (Fig. 2).
   fig8.png           the skewed start, and where reverse-KL, JS and forward-KL take it, with h over the plane (Fig. 8).
   mode_coverage.png  the full Algorithm 1 from a skewed start, all six divergences, one row per setting.
+  learning_curves.png  modes covered, TV and off-mode against generator steps (mean ± std over seeds).
   results.json, results.md  the numbers behind the figures (mean and spread over seeds).
+Each setting's runs (all divergences x seeds) train as one batched model; its results and figures are
+written as soon as it finishes.
 
-  python toy2d.py                       # ~14 CPU-minutes: 7 min on 2 cores
+  python toy2d.py                       # two settings of 30 runs, one process each: see the README for its time
   python toy2d.py --quick --outdir /tmp/toy   # reduced, well under a minute
 """
 
@@ -595,8 +598,9 @@ def parse_args(argv):
     p.add_argument('--settings', default='main,with_gan', help=f'Comma-separated settings to run, of {", ".join(SETTINGS)}.')
     p.add_argument('--w-gan', type=float, default=1e-3, help='GAN loss weight of the with_gan setting (Table 5, CIFAR-10 and SD: 1e-3).')
     p.add_argument('--sigma-max', type=float, default=5.0, help='Largest noise level (the modes sit on a circle of radius 2).')
-    p.add_argument('--r-min', type=float, default=0.1, help='Lower clip of the density ratio (Alg. 1 line 6; the paper is silent: NVlabs/FastGen config_f_distill.py ratio_lower = 0.1).')
-    p.add_argument('--r-max', type=float, default=20.0, help='Upper clip of the density ratio (FastGen ratio_upper = 20).')
+    p.add_argument('--r-min', type=float, default=0.01, help='Lower clip of the density ratio (Alg. 1 line 6; the paper is silent). As train_*.py. '
+                   'The authors\' NVlabs/FastGen clips to [0.1, 20] (config_f_distill.py ratio_lower/upper); here that keeps every divergence on the start\'s modes (README).')
+    p.add_argument('--r-max', type=float, default=100.0, help='Upper clip of the density ratio (FastGen: 20).')
     p.add_argument('--lr-head', type=float, default=1e-3, help='Adam lr of the discriminator head (default: the fake score\'s, as Table 5).')
     args = p.parse_args(argv)
     for flag in ['seeds', 'steps']:
