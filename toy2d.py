@@ -594,7 +594,7 @@ def parse_args(argv):
     p.add_argument('--quick', action='store_true', help='Reduced run for tests: 1 seed, 20 generator steps, short pretraining.')
     p.add_argument('--seeds', type=int, default=None, help='Seeds, each with its own skewed start shared by every run (default 5; 1 with --quick).')
     p.add_argument('--steps', type=int, default=None, help='Generator updates per run (default 500; 20 with --quick).')
-    p.add_argument('--workers', type=int, default=2, help='Parallel processes for the runs (1 = in-process).')
+    p.add_argument('--workers', type=int, default=2, help='Parallel processes, one setting each (1 = in-process).')
     p.add_argument('--settings', default='main,with_gan', help=f'Comma-separated settings to run, of {", ".join(SETTINGS)}.')
     p.add_argument('--w-gan', type=float, default=1e-3, help='GAN loss weight of the with_gan setting (Table 5, CIFAR-10 and SD: 1e-3).')
     p.add_argument('--sigma-max', type=float, default=5.0, help='Largest noise level (the modes sit on a circle of radius 2).')
