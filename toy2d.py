@@ -6,13 +6,17 @@ Xu, Nie, Vahdat, "One-step Diffusion Models with f-Divergence Distribution Match
   score_weight.png   score difference and forward-KL's h over the plane (Fig. 2).
   fig8.png           the skewed start, and where reverse-KL, JS and forward-KL take it, with h over the plane (Fig. 8).
   mode_coverage.png  the full Algorithm 1 from a skewed start, all six divergences, one row per setting.
+  learning_curves.png  modes covered, TV and off-mode against generator steps (mean ± std over seeds).
   results.json, results.md  the numbers behind the figures (mean and spread over seeds).
+Each setting's runs (all divergences x seeds) train as one batched model; its results and figures are
+written as soon as it finishes.
 
-  python toy2d.py                       # ~14 CPU-minutes: 7 min on 2 cores
+  python toy2d.py                       # two settings of 30 runs, one process each: see the README for its time
   python toy2d.py --quick --outdir /tmp/toy   # reduced, well under a minute
 """
 
 import argparse
+import copy
 import json
 import math
 import multiprocessing
@@ -256,7 +260,8 @@ def toy_options(args):
         batch           = 256,      # Batch size for every update.
         tau             = 5,        # Alg. 1 (TTUR): one generator update every tau iterations.
         steps           = args.steps, # Generator updates.
-        lr_g            = 1e-3,     # Adam, generator.
+        lr_g            = 1e-3,     # Adam, generator: a cosine from lr_g...
+        lr_g_final      = 1e-5,     # ...down to this over the generator steps.
         lr_critic       = 1e-3,     # Adam, fake score.
         lr_head         = args.lr_head, # Adam, discriminator head (Table 5: one lr for all networks).
         w_gan           = 0.0,      # GAN loss weight in the generator loss: set per setting (SETTINGS).
@@ -268,7 +273,8 @@ def toy_options(args):
         pretrain_g      = 600,      # Regression steps of the generator onto the skewed start.
         pretrain_critic = 600,      # Fake-score and head steps on the skewed start.
         eval_samples    = 10000,    # Samples for the final metrics.
-        history_every   = max(args.steps // 10, 1),   # Generator steps between TV snapshots.
+        history_samples = 2000,     # Samples for each learning-curve point...
+        history_every   = max(args.steps // 20, 1),   # ...every this many generator steps.
     )
     if args.quick:
         o.update(pretrain_g=100, pretrain_critic=50, eval_samples=2000, batch=128)
@@ -290,22 +296,71 @@ def build(o):
     levels = fdistill.karras_sigmas(o['num_levels'], 0.002, o['sigma_max'])
     return mixture, sigma_data, Teacher(mixture, sigma_data), levels
 
+#----------------------------------------------------------------------------
+# Many runs as one model. Every divergence x seed of a setting trains at once: each network is an
+# Ensemble of R independent copies (torch.func.vmap over stacked parameters), and every batch holds the
+# R runs' samples interleaved, run r owning rows r, r + R, r + 2R, ... So a concatenation of such batches
+# (critic_loss joins real and generated) keeps every row with its run, and fdistill's functions run on the
+# whole batch unchanged. Adam is per element, so each copy trains exactly as it would alone.
+
+class Ensemble(torch.nn.Module):
+    def __init__(self, nets):
+        super().__init__()
+        params, buffers = torch.func.stack_module_state(nets)
+        self.base = [copy.deepcopy(nets[0]).to('meta')]       # structure only; in a list, so not a submodule
+        self.num_runs = len(nets)
+        self.params = torch.nn.ParameterDict({k.replace('.', ':'): torch.nn.Parameter(v) for k, v in params.items()})
+        for k, v in buffers.items():
+            self.register_buffer(k.replace('.', ':'), v)
+
+    def stacked(self):
+        params = {k.replace(':', '.'): v for k, v in self.params.items()}
+        return params, {k.replace(':', '.'): v for k, v in self.named_buffers()}
+
+    def forward(self, *args):       # args: tensors, or lists of tensors, of R * n interleaved rows
+        R = self.num_runs
+        split = lambda x: x.reshape(-1, R, *x.shape[1:]).transpose(0, 1)
+        merge = lambda x: x.transpose(0, 1).reshape(-1, *x.shape[2:])
+        args = [[split(x) for x in a] if isinstance(a, list) else split(a) for a in args]
+        call = lambda p, b, *a: torch.func.functional_call(self.base[0], (p, b), a)
+        out = torch.func.vmap(call)(*self.stacked(), *args)
+        return merge(out)
+
+    def member(self, r):            # run r alone, as a plain callable sharing the parameters
+        params, buffers = self.stacked()
+        take = lambda d: {k: v[r] for k, v in d.items()}
+        return lambda *args: torch.func.functional_call(self.base[0], (take(params), take(buffers)), args)
+
+    def load_member(self, r, state):
+        with torch.no_grad():
+            for k, v in self.stacked()[0].items() | self.stacked()[1].items():
+                v[r].copy_(state[k])
+
+    def member_state(self, r):
+        params, buffers = self.stacked()
+        return {k: v[r].detach().clone() for k, v in (params | buffers).items()}
+
+def runs_of(batch, num_runs):       # [R * n, ...] interleaved -> each run's [n, ...]
+    return [batch[r::num_runs].contiguous() for r in range(num_runs)]
+
 def critic_optimizer(fake_score, head, o):
     return torch.optim.Adam([dict(params=fake_score.parameters(), lr=o['lr_critic']), dict(params=head.parameters(), lr=o['lr_head'])])
 
+# Alg. 1 lines 14-15 for every run at once: fdistill.critic_loss over the interleaved batch is the mean of
+# the runs' own losses, so R times it gives each run the gradient of its own loss.
 def critic_step(G, teacher, fake_score, head, opt, mixture, sigma_data, levels, o):
-    B = o['batch']
+    n = o['batch'] * G.num_runs
     with torch.no_grad():
-        y = G(torch.randn(B, 2))
-    loss, stats = fdistill.critic_loss(y=y, x_real=mixture.sample(B),                # Alg. 1 lines 14-15
-        draws=fdistill.CriticNoise(fdistill.sample_sigma(levels, B), torch.randn(B, 2), fdistill.sample_sigma(levels, B), torch.randn(B, 2), torch.randn(B, 2)),
+        y = G(torch.randn(n, 2))
+    loss, stats = fdistill.critic_loss(y=y, x_real=mixture.sample(n),
+        draws=fdistill.CriticNoise(fdistill.sample_sigma(levels, n), torch.randn(n, 2), fdistill.sample_sigma(levels, n), torch.randn(n, 2), torch.randn(n, 2)),
         teacher=teacher, fake_score=fake_score, head=head, gamma=o['gamma'], sigma_data=sigma_data)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * G.num_runs).backward()
     opt.step()
     return stats
 
-# Alg. 1 lines 6-12 with a choice of Eq. (4)'s per-sigma weight w_t.
+# Alg. 1 lines 6-12 for one run, with a choice of Eq. (4)'s per-sigma weight w_t.
 # 'dmd' is fdistill.generator_loss itself: DMD's per-sample w = 1 / mean|y - D_teacher(x_t)|. It gives
 # the levels with sigma above the ring's radius, where p_t and q_t are each one blob and the step can
 # only move q's mean, a step as large as any other level's.
@@ -319,61 +374,78 @@ def generator_loss(y, sigma, noise, teacher, fake_score, head, div, edges, o):
 
 # Per seed, one start shared by all divergences and settings: the generator regressed onto the skewed
 # two-mode mixture, then the fake score and the discriminator head trained on that generator.
-def pretrain(o, seed):
-    torch.manual_seed(seed)
+# All seeds at once; returns one state dict per seed and network.
+def pretrain(o, seeds):
+    torch.manual_seed(0)
     mixture, sigma_data, teacher, levels = build(o)
-    G = generator_net()
+    nets = [networks(o, sigma_data, teacher.channels, seed) for seed in seeds]
+    G, fake_score, head = [Ensemble(list(copies)) for copies in zip(*nets)]
     opt = torch.optim.Adam(G.parameters(), lr=1e-3)
     for _ in range(o['pretrain_g']):
-        z = torch.randn(512, 2)
-        loss = (G(z) - skewed_target(z, mixture)).square().mean()
+        z = torch.randn(512 * len(seeds), 2)
+        loss = (G(z) - skewed_target(z, mixture)).square().mean() * len(seeds)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    fake_score = FakeScore(sigma_data)
-    head = fdistill.DiscriminatorHead(channels=[teacher.channels], resolutions=[1], hidden=o['head_hidden'])
     opt = critic_optimizer(fake_score, head, o)
     for _ in range(o['pretrain_critic']):
         critic_step(G, teacher, fake_score, head, opt, mixture, sigma_data, levels, o)
-    return dict(G=G.state_dict(), fake_score=fake_score.state_dict(), head=head.state_dict())
+    return [dict(G=G.member_state(i), fake_score=fake_score.member_state(i), head=head.member_state(i)) for i in range(len(seeds))]
 
-# Algorithm 1 for one divergence, setting and seed, from the pretrained start.
-def distill(o, name, seed, start):
+def networks(o, sigma_data, channels, seed):     # one run's generator, fake score and head, initialised from seed
+    torch.manual_seed(seed)
+    return (generator_net(), FakeScore(sigma_data),
+            fdistill.DiscriminatorHead(channels=[channels], resolutions=[1], hidden=o['head_hidden']))
+
+def snapshot(G, mixture, n):        # per-run metrics of n fresh samples each
+    with torch.no_grad():
+        samples = G(torch.randn(n * G.num_runs, 2))
+    return [mode_metrics(x, mixture) for x in runs_of(samples, G.num_runs)], samples
+
+# Algorithm 1 for one setting: every divergence and seed from the seeds' pretrained starts, as one model.
+# The generator's lr follows a cosine from lr_g down to lr_g_final over the generator steps.
+def distill(o, starts, progress=print):
     t0 = time.process_time()
-    torch.manual_seed(1000 + seed)
+    torch.manual_seed(1000)
     mixture, sigma_data, teacher, levels = build(o)
-    div = fdistill.divergence(name)
+    runs = [(name, seed) for name in NAMES for seed in range(len(starts))]
+    R, B = len(runs), o['batch']
+    divs = [fdistill.divergence(name) for name, _ in runs]
     edges = fdistill.sigma_bin_edges(levels, o['num_bins'])
-    G, fake_score = generator_net(), FakeScore(sigma_data)
-    head = fdistill.DiscriminatorHead(channels=[teacher.channels], resolutions=[1], hidden=o['head_hidden'])
-    for net, key in [(G, 'G'), (fake_score, 'fake_score'), (head, 'head')]:
-        net.load_state_dict(start[key])
+    G, fake_score, head = [Ensemble(list(copies)) for copies in zip(*[networks(o, sigma_data, teacher.channels, 0) for _ in runs])]
+    for r, (_, seed) in enumerate(runs):
+        for net, key in [(G, 'G'), (fake_score, 'fake_score'), (head, 'head')]:
+            net.load_member(r, starts[seed][key])
     opt_g = torch.optim.Adam(G.parameters(), lr=o['lr_g'])
+    lr_g = torch.optim.lr_scheduler.CosineAnnealingLR(opt_g, o['steps'], eta_min=o['lr_g_final'])
     opt_critic = critic_optimizer(fake_score, head, o)
-    nvar, clipped, history = [], [], []
-    B = o['batch']
+    nvar, clipped = torch.zeros(R), torch.zeros(R)
+    history = [(0, snapshot(G, mixture, o['history_samples'])[0])]
     for it in range(o['steps'] * o['tau']):
         if it % o['tau'] == 0:                                              # Alg. 1 line 5
-            y = G(torch.randn(B, 2))                                        # Alg. 1 line 4
-            loss, stats = generator_loss(y, fdistill.sample_sigma(levels, B), torch.randn(B, 2),
-                                         teacher, fake_score, head, div, edges, o)
+            y = G(torch.randn(R * B, 2))                                    # Alg. 1 line 4
+            sigma, noise = fdistill.sample_sigma(levels, R * B), torch.randn(R * B, 2)
+            losses = [generator_loss(y_r, sigma_r, noise_r, teacher, fake_score.member(r), head.member(r), divs[r], edges, o)
+                      for r, (y_r, sigma_r, noise_r) in enumerate(zip(runs_of(y, R), runs_of(sigma, R), runs_of(noise, R)))]
             opt_g.zero_grad(set_to_none=True)
-            loss.backward()
+            sum(loss for loss, _ in losses).backward()
             opt_g.step()                                                    # line 12
-            nvar.append(1 / stats['h_ess'] - 1)     # ESS = 1 / (1 + Var(h)/E[h]^2) within the batch
-            clipped.append(stats['r_clipped'])
+            lr_g.step()
+            nvar += torch.tensor([1 / stats['h_ess'] - 1 for _, stats in losses])   # ESS = 1 / (1 + Var(h)/E[h]^2) in the batch
+            clipped += torch.tensor([stats['r_clipped'] for _, stats in losses])
             step = it // o['tau'] + 1
             if step % o['history_every'] == 0:
-                with torch.no_grad():
-                    history.append((step, mode_metrics(G(torch.randn(2000, 2)), mixture)['tv']))
+                history.append((step, snapshot(G, mixture, o['history_samples'])[0]))
+                js = [m for (name, _), m in zip(runs, history[-1][1]) if name == 'js']
+                progress(f"{o['setting']}: step {step}/{o['steps']}, JS modes {np.mean([m['modes_covered'] for m in js]):.1f}, "
+                         f"TV {np.mean([m['tv'] for m in js]):.3f}, off-mode {np.mean([m['off_mode'] for m in js]):.3f}")
         else:
             critic_step(G, teacher, fake_score, head, opt_critic, mixture, sigma_data, levels, o)
-    with torch.no_grad():
-        samples = G(torch.randn(o['eval_samples'], 2))
-    metrics = mode_metrics(samples, mixture)
-    metrics.update(weight_variance=float(np.mean(nvar)), r_clipped=float(np.mean(clipped)),
-                   tv_history=history, seconds=time.process_time() - t0)
-    return metrics, samples[:3000]
+    final, samples = snapshot(G, mixture, o['eval_samples'])
+    for r, m in enumerate(final):
+        m.update(weight_variance=float(nvar[r]) / o['steps'], r_clipped=float(clipped[r]) / o['steps'],
+                 history=[dict(step=step, modes=ms[r]['modes_covered'], tv=ms[r]['tv'], off_mode=ms[r]['off_mode']) for step, ms in history])
+    return dict(runs=runs, metrics=final, samples=[x[:3000] for x in runs_of(samples, R)], cpu_seconds=time.process_time() - t0)
 
 #----------------------------------------------------------------------------
 # Fig. 2: at one sigma, for the ring p and a generator-like q that covers every mode imperfectly
@@ -459,24 +531,46 @@ def plot_mode_coverage(path, mixture, initial, finals, coverage):
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
+# Learning curves: modes covered, TV and off-mode against generator steps, mean ± std over seeds.
+def plot_learning_curves(path, coverage):
+    settings = list(coverage)
+    fig, axes = plt.subplots(len(settings), 3, figsize=(15, 3.6 * len(settings)), squeeze=False)
+    for row, setting in zip(axes, settings):
+        for ax, (key, label) in zip(row, [('modes', 'modes covered'), ('tv', 'TV to true weights'), ('off_mode', 'off-mode fraction')]):
+            for name in NAMES:
+                histories = coverage[setting][name]['history']                  # per seed: [{step, modes, tv, off_mode}]
+                steps = [h['step'] for h in histories[0]]
+                v = np.array([[h[key] for h in seed] for seed in histories])
+                ax.plot(steps, v.mean(0), color=COLORS[name], label=fdistill.divergence(name).name)
+                ax.fill_between(steps, v.mean(0) - v.std(0), v.mean(0) + v.std(0), color=COLORS[name], alpha=0.15)
+            ax.set_title(f'{setting}: {label}', fontsize=10)
+            ax.set_xlabel('generator steps')
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=8)
+    fig.suptitle('Alg. 1 in 2-D: mean ± std over seeds')
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
 def mean_std(values, fmt):
     return f'{np.mean(values):{fmt}} ± {np.std(values):{fmt}}'
 
 def markdown(results):
     o, seeds = results['options'], results['seeds']
     init = results['initial']
-    lines = [f"Mode coverage after {o['steps']} generator steps (tau = {o['tau']}), {o['num_modes']} modes {o['radius'] * 2 * math.sin(math.pi / o['num_modes']) / o['std']:.1f} std apart; "
-             f"mean ± std over {len(seeds)} seeds, each with its own skewed start (modes {mean_std([m['modes_covered'] for m in init], '.1f')}, "
+    lines = [f"Mode coverage after {o['steps']} generator steps (tau = {o['tau']}), {o['num_modes']} modes {o['radius'] * 2 * math.sin(math.pi / o['num_modes']) / o['std']:.1f} std apart, "
+             f"r clipped to [{o['r_min']:g}, {o['r_max']:g}]; mean ± std over {len(seeds)} seeds, each with its own skewed start (modes {mean_std([m['modes_covered'] for m in init], '.1f')}, "
              f"TV {mean_std([m['tv'] for m in init], '.3f')}). Modes per seed in brackets."]
     for setting, c in results['mode_coverage'].items():
-        lines += ['', f"**{setting}** (w_GAN = {c['w_gan']:g}, w_t = {'1/sigma' if c['weighting'] == 'eps' else 'DMD normaliser'}):", '',
-                  '| divergence | mode-seeking | modes covered | TV to true weights | off-mode fraction | Var(h̄)/E[h̄]² in batch | r clipped | CPU s/run |',
-                  '|---|---|---|---|---|---|---|---|']
+        lines += ['', f"**{setting}** (w_GAN = {c['w_gan']:g}, w_t = {'1/sigma' if c['weighting'] == 'eps' else 'DMD normaliser'}; "
+                      f"{c['cpu_seconds']:.0f} CPU s for all {len(NAMES) * len(seeds)} runs):", '',
+                  '| divergence | mode-seeking | modes covered | TV to true weights | off-mode fraction | Var(h̄)/E[h̄]² in batch | r clipped |',
+                  '|---|---|---|---|---|---|---|']
         for name in NAMES:
             m = c[name]
             lines.append(f"| {name} | {fdistill.divergence(name).mode_seeking} | {mean_std(m['modes'], '.1f')} ({', '.join(map(str, m['modes']))}) | "
                          f"{mean_std(m['tv'], '.3f')} | {mean_std(m['off_mode'], '.3f')} | {mean_std(m['weight_variance'], '.3g')} | "
-                         f"{np.mean(m['r_clipped']):.3f} | {np.mean(m['seconds']):.0f} |")
+                         f"{np.mean(m['r_clipped']):.3f} |")
     v = results['variance_vs_mean_difference']
     mus = [i for i, mu in enumerate(v['mu']) if abs(mu * 2 - round(mu * 2)) < 1e-9]
     lines += ['', 'Normalised variance Var_q(h)/E_q[h]^2, q = N(0,1), p = N(mu,1) (Fig. 4a):', '',
@@ -486,21 +580,14 @@ def markdown(results):
     return '\n'.join(lines) + '\n'
 
 #----------------------------------------------------------------------------
-# Jobs for the worker pool: each runs on one thread.
-
-def run_job(job):
-    kind, o, seed, name, start = job
-    if kind == 'pretrain':
-        return o, seed, name, pretrain(o, seed)
-    return o, seed, name, distill(o, name, seed, start)
+# Each setting is one job for the worker pool, on one thread.
 
 def init_worker():
     torch.set_num_threads(1)
 
-def run_jobs(jobs, pool, on_done):
-    results = pool.imap_unordered(run_job, jobs) if pool else map(run_job, jobs)
-    for i, result in enumerate(results):
-        on_done(i, result)
+def run_setting(job):
+    o, starts = job
+    return o['setting'], distill(o, starts)
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog='toy2d.py', description='2-D reproduction of f-distill Figs. 2, 3, 4a and 8.')
@@ -508,12 +595,13 @@ def parse_args(argv):
     p.add_argument('--quick', action='store_true', help='Reduced run for tests: 1 seed, 20 generator steps, short pretraining.')
     p.add_argument('--seeds', type=int, default=None, help='Seeds, each with its own skewed start shared by every run (default 5; 1 with --quick).')
     p.add_argument('--steps', type=int, default=None, help='Generator updates per run (default 500; 20 with --quick).')
-    p.add_argument('--workers', type=int, default=2, help='Parallel processes for the runs (1 = in-process).')
+    p.add_argument('--workers', type=int, default=2, help='Parallel processes, one setting each (1 = in-process).')
     p.add_argument('--settings', default='main,with_gan', help=f'Comma-separated settings to run, of {", ".join(SETTINGS)}.')
     p.add_argument('--w-gan', type=float, default=1e-3, help='GAN loss weight of the with_gan setting (Table 5, CIFAR-10 and SD: 1e-3).')
     p.add_argument('--sigma-max', type=float, default=5.0, help='Largest noise level (the modes sit on a circle of radius 2).')
-    p.add_argument('--r-min', type=float, default=1e-3, help='Lower clip of the density ratio (Alg. 1 line 6).')
-    p.add_argument('--r-max', type=float, default=1e3, help='Upper clip of the density ratio.')
+    p.add_argument('--r-min', type=float, default=0.01, help='Lower clip of the density ratio (Alg. 1 line 6; the paper is silent). As train_*.py. '
+                   'The authors\' NVlabs/FastGen clips to [0.1, 20] (config_f_distill.py ratio_lower/upper); here that keeps every divergence on the start\'s modes (README).')
+    p.add_argument('--r-max', type=float, default=100.0, help='Upper clip of the density ratio (FastGen: 20).')
     p.add_argument('--lr-head', type=float, default=1e-3, help='Adam lr of the discriminator head (default: the fake score\'s, as Table 5).')
     args = p.parse_args(argv)
     for flag in ['seeds', 'steps']:
@@ -564,34 +652,9 @@ def main(argv=None):
     plot_score_weight(os.path.join(args.outdir, 'score_weight.png'), o)
     progress('score_weight.png: score difference and forward-KL h over the plane (Fig. 2)')
 
-    # Alg. 1: pretrain one start per seed, then every setting and divergence from it.
+    # Alg. 1: pretrain one start per seed, then each setting (all divergences and seeds as one model) from them.
     seeds = results['seeds']
-    pool = multiprocessing.get_context('spawn').Pool(args.workers, init_worker) if args.workers > 1 else None
-    try:
-        starts = {}
-        def pretrained(i, result):
-            starts[result[1]] = result[3]
-            progress(f'pretrained skewed start, seed {result[1]} ({i + 1}/{len(seeds)})')
-        run_jobs([('pretrain', o, s, None, None) for s in seeds], pool, pretrained)
-        runs = {s: {n: {} for n in NAMES} for s in args.settings}
-        samples = {s: {} for s in args.settings}
-        jobs = [('distill', results['settings'][s], seed, n, starts[seed]) for s in args.settings for seed in seeds for n in NAMES]
-        t_runs = time.time()
-        def distilled(i, result):
-            job_options, seed, name, (metrics, x) = result
-            setting = job_options['setting']
-            runs[setting][name][seed] = metrics
-            if seed == 0:
-                samples[setting][name] = x
-            eta = (time.time() - t_runs) / (i + 1) * (len(jobs) - i - 1)
-            progress(f'[{i + 1:2d}/{len(jobs)}] {setting:8s} {name:9s} seed {seed}: modes {metrics["modes_covered"]}/{metrics["num_modes"]}, TV {metrics["tv"]:.3f}, '
-                     f'off-mode {metrics["off_mode"]:.3f}, Var(h)/E[h]^2 {metrics["weight_variance"]:.3g}, {metrics["seconds"]:.1f} CPU s (eta {eta:.0f} s)')
-        run_jobs(jobs, pool, distilled)
-    finally:
-        if pool:
-            pool.close()
-            pool.join()
-
+    starts = pretrain(o, seeds)
     mixture = build(o)[0]
     initial = []
     for seed in seeds:
@@ -600,21 +663,42 @@ def main(argv=None):
         with torch.no_grad():
             initial.append(G(torch.randn(o['eval_samples'], 2, generator=torch.Generator().manual_seed(seed))))
     results['initial'] = [mode_metrics(x, mixture) for x in initial]
-    results['mode_coverage'] = {}
-    for s in args.settings:
-        c = dict(num_modes=o['num_modes'], w_gan=results['settings'][s]['w_gan'], weighting=results['settings'][s]['weighting'])
-        for name in NAMES:
-            per_seed = [runs[s][name][seed] for seed in seeds]
-            c[name] = dict(modes=[m['modes_covered'] for m in per_seed],
-                           **{key: [m[key] for m in per_seed] for key in ['tv', 'off_mode', 'weight_variance', 'r_clipped', 'seconds', 'occupancy', 'tv_history']})
-        results['mode_coverage'][s] = c
-    plot_mode_coverage(os.path.join(args.outdir, 'mode_coverage.png'), mixture, initial[0][:3000], samples, results['mode_coverage'])
-    fig8 = args.settings[0]
-    plot_fig8(os.path.join(args.outdir, 'fig8.png'), mixture, initial[0], samples[fig8], sigma=o['radius'] * math.sin(math.pi / o['num_modes']) * 2 / 3)
-    rundir.atomic_write(os.path.join(args.outdir, 'results.json'), lambda f: f.write(json.dumps(results, indent=1).encode()))
-    rundir.atomic_write(os.path.join(args.outdir, 'results.md'), lambda f: f.write(markdown(results).encode()))
-    progress(f'fig8.png ({fig8}), mode_coverage.png, results.json, results.md written to {args.outdir}')
+    progress(f'pretrained the skewed starts of {len(seeds)} seeds: modes ' + ', '.join(str(m['modes_covered']) for m in results['initial']))
+    coverage, samples = {}, {}
+    jobs = [(results['settings'][s], starts) for s in args.settings]
+    workers = min(args.workers, len(jobs))
+    pool = multiprocessing.get_context('spawn').Pool(workers, init_worker) if workers > 1 else None
+    try:
+        for setting, out in (pool.imap_unordered(run_setting, jobs) if pool else map(run_setting, jobs)):
+            coverage[setting], samples[setting] = setting_results(results['settings'][setting], out)
+            results['mode_coverage'] = {s: coverage[s] for s in args.settings if s in coverage}
+            write_results(args.outdir, results, mixture, initial, {s: samples[s] for s in results['mode_coverage']})
+            progress(f'{setting} done ({out["cpu_seconds"]:.0f} CPU s): results.json, results.md, mode_coverage.png, learning_curves.png, fig8.png in {args.outdir}')
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
     print(markdown(results))
+
+# One setting's runs as results.json's mode_coverage.<setting>.<divergence> (lists over seeds), and the
+# first seed's final samples per divergence for the figures.
+def setting_results(o, out):
+    c = dict(num_modes=o['num_modes'], w_gan=o['w_gan'], weighting=o['weighting'], cpu_seconds=out['cpu_seconds'])
+    for name in NAMES:
+        per_seed = [m for (n, _), m in zip(out['runs'], out['metrics']) if n == name]
+        c[name] = dict(modes=[m['modes_covered'] for m in per_seed],
+                       **{key: [m[key] for m in per_seed] for key in ['tv', 'off_mode', 'weight_variance', 'r_clipped', 'occupancy', 'history']})
+    return c, {name: out['samples'][out['runs'].index((name, 0))] for name in NAMES}
+
+# Everything computed so far, rewritten after each setting: an interrupted run keeps the settings it finished.
+def write_results(outdir, results, mixture, initial, samples):
+    o, coverage = results['options'], results['mode_coverage']
+    plot_mode_coverage(os.path.join(outdir, 'mode_coverage.png'), mixture, initial[0][:3000], samples, coverage)
+    plot_learning_curves(os.path.join(outdir, 'learning_curves.png'), coverage)
+    plot_fig8(os.path.join(outdir, 'fig8.png'), mixture, initial[0], samples[next(iter(coverage))],
+              sigma=o['radius'] * math.sin(math.pi / o['num_modes']) * 2 / 3)
+    rundir.atomic_write(os.path.join(outdir, 'results.json'), lambda f: f.write(json.dumps(results, indent=1).encode()))
+    rundir.atomic_write(os.path.join(outdir, 'results.md'), lambda f: f.write(markdown(results).encode()))
 
 if __name__ == '__main__':
     main()

@@ -156,6 +156,32 @@ def test_generator_loss_weighting(one_thread):
         assert ours.item() == theirs.item()
 
 #----------------------------------------------------------------------------
+# The Ensemble of R networks on an interleaved batch: its output and the gradient of R times the batch-mean loss
+# equal, copy by copy, those of the R plain networks on their own rows (autograd on separate modules).
+# The fake score in float64, so only the summation order differs: a few ulps. fdistill's head computes in float32:
+# batched and plain matmuls sum in different orders, ~1e-6 relative over its 8-term sums, so rtol 1e-4.
+
+def test_ensemble_matches_separate_networks(one_thread):
+    torch.manual_seed(0)
+    R, n = 3, 16
+    nets = [toy2d.FakeScore(1.4).double() for _ in range(R)]
+    heads = [fdistill.DiscriminatorHead(channels=[8], resolutions=[1], hidden=8) for _ in range(R)]
+    ensemble, ensemble_head = toy2d.Ensemble(nets), toy2d.Ensemble(heads)
+    x, sigma = torch.randn(R * n, 2, dtype=torch.float64), torch.rand(R * n, 1, dtype=torch.float64) + 0.1
+    features = torch.randn(2 * R * n, 8, 1, 1)   # two interleaved batches joined, as critic_loss does
+    loss = (ensemble(x, sigma).square().mean() + ensemble_head([features]).square().mean()) * R
+    loss.backward()
+    for r in range(R):
+        rows = torch.cat([torch.arange(r, R * n, R), R * n + torch.arange(r, R * n, R)])
+        own = nets[r](x[r::R], sigma[r::R]).square().mean() + heads[r]([features[rows]]).square().mean().double()
+        own.backward()
+        torch.testing.assert_close(ensemble.member(r)(x[r::R], sigma[r::R]), nets[r](x[r::R], sigma[r::R]), rtol=1e-12, atol=1e-12)
+        for module, stacked, rtol in [(nets[r], ensemble, 1e-10), (heads[r], ensemble_head, 1e-4)]:
+            grads = {k.replace(':', '.'): p.grad[r] for k, p in stacked.params.items()}
+            for k, p in module.named_parameters():
+                torch.testing.assert_close(grads[k], p.grad, rtol=rtol, atol=rtol * p.grad.abs().max().item())
+
+#----------------------------------------------------------------------------
 # Bad flags end as one line `toy2d.py: error: ...` naming the flag, exit status 2, before anything is
 # computed or written: as real processes (started together, each mostly imports torch), then the rest
 # of the checks through parse_args in this process.
@@ -193,7 +219,7 @@ def test_quick_run_writes_all_outputs(tmp_path):
     proc = subprocess.run([sys.executable, 'toy2d.py', '--quick', '--seeds', '2', '--steps', '5', '--workers', '1', '--outdir', str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)  # ~20 s alone; a guard against hangs, not a speed test
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for name in ['f_and_h.png', 'variance.png', 'score_weight.png', 'fig8.png', 'mode_coverage.png', 'results.json', 'results.md']:
+    for name in ['f_and_h.png', 'variance.png', 'score_weight.png', 'fig8.png', 'mode_coverage.png', 'learning_curves.png', 'results.json', 'results.md']:
         assert (out / name).stat().st_size > 0, name
     results = json.loads((out / 'results.json').read_text())
     v = results['variance_vs_mean_difference']
@@ -211,8 +237,27 @@ def test_quick_run_writes_all_outputs(tmp_path):
             m = c[name]
             assert all(len(m[key]) == 2 for key in ['modes', 'tv', 'weight_variance', 'off_mode'])
             assert all(0 <= k <= 8 for k in m['modes']) and all(0 <= tv <= 1 for tv in m['tv'])
+            steps = [[h['step'] for h in seed] for seed in m['history']]   # the learning curve: the start, then every history_every steps
+            assert steps == [list(range(0, 6, results['options']['history_every']))] * 2
             row = f"| {name} | {fdistill.divergence(name).mode_seeking} | {toy2d.mean_std(m['modes'], '.1f')} ({', '.join(map(str, m['modes']))}) | {toy2d.mean_std(m['tv'], '.3f')} |"
             assert row in table, row
         assert c['rkl']['weight_variance'] == [0, 0]         # h = 1 has no variance
         assert min(c['fkl']['weight_variance']) > 0
     assert table.count('| rkl |') == 3                       # one row per setting, one in the Fig. 4a table
+
+# Results land as each setting finishes: when the second setting fails, the first one's table, JSON and figures
+# are on disk and the error still ends the run.
+def test_failed_setting_keeps_finished_ones(tmp_path, monkeypatch, one_thread):
+    distill = toy2d.distill
+    def failing(o, starts, **kwargs):
+        if o['setting'] == 'with_gan':
+            raise RuntimeError('with_gan broke')
+        return distill(o, starts, **kwargs)
+    monkeypatch.setattr(toy2d, 'distill', failing)
+    with pytest.raises(RuntimeError, match='with_gan broke'):
+        toy2d.main(['--quick', '--steps', '2', '--workers', '1', '--outdir', str(tmp_path)])
+    results = json.loads((tmp_path / 'results.json').read_text())
+    assert list(results['mode_coverage']) == ['main']
+    assert '**main**' in (tmp_path / 'results.md').read_text() and '**with_gan**' not in (tmp_path / 'results.md').read_text()
+    for name in ['fig8.png', 'mode_coverage.png', 'learning_curves.png']:
+        assert (tmp_path / name).stat().st_size > 0, name
