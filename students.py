@@ -173,7 +173,8 @@ def output_errors(path):
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EEXIST, errno.EFBIG):
             raise
         folder = os.path.dirname(os.path.abspath(path))
-        raise ValueError(f'Could not write "{path}": {os.strerror(err.errno)} in "{folder}"; nothing partial was left: free space or pass another output path') from None
+        fix = 'free space there or pass' if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else 'pass'
+        raise ValueError(f'Could not write "{path}": {os.strerror(err.errno)} in "{folder}"; nothing partial was left: {fix} another output path') from None
 
 def write_file(path, write):
     with output_errors(path):
