@@ -48,13 +48,13 @@ import dataset
 import distributed
 import fdistill
 import flags
-import rundir
 import sd_unet
 from distributed import gather_rows, get_rank, get_world_size, print0
 from export import cmd_export
 from read_run import cmd_plot, cmd_weights, fid_figure, save_figure
-from students import (TEACHER_HINT, Progress, check_file, class_labels, is_t2i, latents, load_checkpoint, load_generator,
-                      load_teacher, rank_batches, sd_folder, snapshots_of, write_json)
+from students import (TEACHER_HINT, Progress, check_file, check_not_inputs, check_output, class_labels, file_key, is_t2i,
+                      latents, load_checkpoint, load_generator, load_teacher, output_errors, rank_batches, sd_folder, snapshots_of,
+                      write_file, write_json)
 
 #----------------------------------------------------------------------------
 # Processes: torchrun's environment is read by distributed.init_distributed (NCCL on GPUs, gloo on CPU);
@@ -122,19 +122,36 @@ def save_ref(path, mu, sigma, features=None):
     arrays = dict(mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64))
     if features is not None:
         arrays['features'] = np.asarray(features, dtype=np.float32)
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    rundir.atomic_write(path, lambda f: np.savez(f, **arrays))
+    write_file(path, lambda f: np.savez(f, **arrays))
 
+# Never unpickles: an .npz holding Python objects is refused, as are random, truncated or misshapen files.
 def load_ref(path, need_features=False):
     if not os.path.isfile(path):
         raise FileNotFoundError(f'Reference statistics "{path}" not found: build them with `python evaluate.py ref --data DATASET --dest {path} --detector ...` or pass EDM\'s published .npz')
-    with np.load(path, allow_pickle=False) as data:
-        if 'mu' not in data or 'sigma' not in data:
-            raise ValueError(f'"{path}" is not an EDM reference .npz: it needs arrays "mu" and "sigma", found {sorted(data.keys())}')
-        if need_features and 'features' not in data:
-            raise ValueError(f'"{path}" has no "features" array, which precision/recall needs: rebuild it with `python evaluate.py ref` or pass --no-pr')
-        return {k: data[k] for k in data.keys()}
+    fix = f'build it again with `python evaluate.py ref --data DATASET --dest {path} --detector ...` or pass EDM\'s published .npz'
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f'"{path}" is not an .npz archive (random, truncated or another format): {fix}')
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            ref = {k: data[k] for k in data.keys()}
+    except ValueError as err:                               # numpy refuses object arrays when allow_pickle=False
+        if 'pickle' not in str(err):
+            raise ValueError(f'"{path}" is not a readable .npz ({type(err).__name__}): {fix}') from None
+        raise ValueError(f'"{path}" holds pickled Python objects, which are never loaded (they could run code): {fix}') from None
+    except Exception as err:                                # zipfile/zlib/numpy report damage in many ways; all mean the same here
+        raise ValueError(f'"{path}" is truncated or damaged ({type(err).__name__}): {fix}') from None
+    if 'mu' not in ref or 'sigma' not in ref:
+        raise ValueError(f'"{path}" is not an EDM reference .npz: it needs arrays "mu" and "sigma", found {sorted(ref)}')
+    mu, sigma = ref['mu'], ref['sigma']
+    numeric = all(np.issubdtype(a.dtype, np.number) for a in ref.values())
+    if not numeric or mu.ndim != 1 or sigma.shape != mu.shape * 2 or 'features' in ref and ref['features'].shape[1:] != mu.shape:
+        shapes = ', '.join(f'{k} {list(a.shape)} {a.dtype}' for k, a in ref.items())
+        raise ValueError(f'"{path}" holds {shapes}; a reference needs numeric mu [D], sigma [D, D] (and features [N, D]): {fix}')
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f'"{path}": mu or sigma is not finite: {fix}')
+    if need_features and 'features' not in ref:
+        raise ValueError(f'"{path}" has no "features" array, which precision/recall needs: rebuild it with `python evaluate.py ref` or pass --no-pr')
+    return ref
 
 #----------------------------------------------------------------------------
 # Improved precision and recall (Kynkaenniemi et al. 2019), conventions of ADM's evaluator: each point's
@@ -193,7 +210,11 @@ def check_detector(path):
 
 def load_detector(path, device):
     check_detector(path)
-    return torch.jit.load(path, map_location=device).eval()
+    try:
+        return torch.jit.load(path, map_location=device).eval()
+    except Exception as err:                                # a zip that is not TorchScript (e.g. a torch.save file)
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ValueError(f'"{path}" is not a TorchScript archive ({detail}): use NVIDIA\'s inception-2015-12-05.pt; {DETECTOR_HINT} PATH') from None
 
 @torch.no_grad()
 def inception_features(detector, images):
@@ -201,9 +222,19 @@ def inception_features(detector, images):
         images = images.repeat([1, 3, 1, 1])
     return detector(images, return_features=True)
 
-# The detector's feature size, from one blank image of the evaluated shape.
-def feature_dim(detector, image_shape, device):
-    return inception_features(detector, torch.zeros([1, *image_shape], dtype=torch.uint8, device=device)).shape[-1]
+# The detector's feature size, from two blank images of the evaluated shape; a detector without Inception's call
+# (uint8 NCHW images, return_features=True -> float [N, D]) is named before any image is made.
+def feature_dim(detector, image_shape, device, path='--detector'):
+    call = f'detector(uint8 images [N, {max(image_shape[0], 3)}, {image_shape[1]}, {image_shape[2]}], return_features=True)'
+    try:
+        out = inception_features(detector, torch.zeros([2, *image_shape], dtype=torch.uint8, device=device))
+    except Exception as err:
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ValueError(f'Detector "{path}" fails on {call} ({detail}): pass a TorchScript feature detector with Inception\'s call, e.g. NVIDIA\'s inception-2015-12-05.pt') from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or len(out) != 2 or not out.is_floating_point():
+        got = f'{list(out.shape)} {out.dtype}' if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f'Detector "{path}" returns {got} for {call}; features must be float [N, D]: pass a detector with Inception\'s call, e.g. NVIDIA\'s inception-2015-12-05.pt')
+    return out.shape[-1]
 
 def image_shape(path):
     data = dataset.ImageDataset(path)
@@ -219,34 +250,54 @@ def iterate_images(path, batch_size=64, indices=None):
     for begin in range(0, len(indices), batch_size):
         yield data.images(indices[begin : begin + batch_size])
 
-# PNG writer for a folder or a .zip (chosen by the name); file names are the seeds, 000042.png.
+# PNG writer for a folder or a .zip (chosen by the name); file names are the seeds, 000042.png. Each PNG, and the
+# zip as a whole, is written atomically; a failed write (a full disk) ends in one line and leaves no partial file.
 class ImageWriter:
     def __init__(self, path):
         self.path = path
         self.zip = None
         if path.lower().endswith('.zip'):
-            if os.path.dirname(path):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-            self.zip = zipfile.ZipFile(path + '.tmp', 'w', compression=zipfile.ZIP_STORED)
+            with output_errors(path):
+                if os.path.dirname(path):
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                self.zip = zipfile.ZipFile(path + '.tmp', 'w', compression=zipfile.ZIP_STORED)
         else:
-            os.makedirs(path, exist_ok=True)
+            with output_errors(os.path.join(path, '.')):
+                os.makedirs(path, exist_ok=True)
 
     def write(self, seed, image):
         buf = io.BytesIO()
         to_pil(image).save(buf, format='png')
-        self.write_file(f'{seed:06d}.png', buf.getvalue())
+        self.add_file(f'{seed:06d}.png', buf.getvalue())
 
-    def write_file(self, name, data):
-        if self.zip is not None:
-            self.zip.writestr(name, data)
-        else:
-            with open(os.path.join(self.path, name), 'wb') as f:
-                f.write(data)
+    def add_file(self, name, data):
+        if self.zip is None:
+            return write_file(os.path.join(self.path, name), lambda f: f.write(data))
+        try:
+            with output_errors(self.path):
+                self.zip.writestr(name, data)
+        except BaseException:
+            self.abort()
+            raise
 
     def close(self):
         if self.zip is not None:
-            self.zip.close()
-            os.replace(self.path + '.tmp', self.path)
+            try:
+                with output_errors(self.path):
+                    self.zip.close()
+                    os.replace(self.path + '.tmp', self.path)
+            except BaseException:
+                self.abort()
+                raise
+
+    def abort(self):
+        if self.zip is not None:
+            try:
+                self.zip.close()
+            except Exception:
+                pass
+            if os.path.exists(self.path + '.tmp'):
+                os.remove(self.path + '.tmp')
 
 # EDM's generate.py conversion from [-1, 1] to uint8.
 def to_uint8(images):
@@ -519,12 +570,20 @@ def load_source(args, ckpt, prompts, device):
 def describe_source(args, ckpt, sampler):
     return dict(source=ckpt['path'] if ckpt is not None else args.teacher or args.sd, **sampler.info)
 
+# The files and folders a command reads, which none of its outputs may be: [(flag, path)].
+def source_inputs(args, ckpt=None):
+    inputs = [('--ckpt', getattr(args, 'ckpt', None)), ('the checkpoint', ckpt['path'] if ckpt is not None else None)]
+    return inputs + [(f'--{k}', getattr(args, k, None)) for k in ('teacher', 'sd', 'captions', 'images', 'ref', 'detector', 'clip_model')]
+
 def cmd_generate(args):
     ckpt, prompts = check_source(args)
+    to_zip = args.outdir.lower().endswith('.zip')
+    check_output('--outdir', args.outdir, kind='file' if to_zip else 'dir')
+    captions = [os.path.join(args.outdir, 'captions.txt')] if prompts is not None and not to_zip else []
+    check_not_inputs('--outdir', [args.outdir, *captions], source_inputs(args, ckpt))
     seeds = parse_seeds(args.seeds)
     device = init_distributed()
     sampler = load_source(args, ckpt, prompts, device)
-    to_zip = args.outdir.lower().endswith('.zip')
     writer = ImageWriter(args.outdir) if get_rank() == 0 or not to_zip else None
     for batch_seeds, images in generate(sampler, seeds, args.batch, device):
         if to_zip:                                          # one zip: rank 0 writes every rank's images
@@ -534,18 +593,21 @@ def cmd_generate(args):
             for seed, image in zip(batch_seeds, images):
                 writer.write(seed, image)
     if prompts is not None and get_rank() == 0:             # line i: the prompt of image i in file order
-        writer.write_file('captions.txt', ''.join(p + '\n' for p in sampler.condition(sorted(set(seeds)), device)).encode('utf-8'))
+        writer.add_file('captions.txt', ''.join(p + '\n' for p in sampler.condition(sorted(set(seeds)), device)).encode('utf-8'))
     if writer is not None:
         writer.close()
     print0(f'Wrote {len(seeds)} images to "{args.outdir}"' + (' with captions.txt' if prompts is not None else ''))
 
 def cmd_ref(args):
     check_detector(args.detector)
+    check_output('--dest', args.dest)
+    check_not_inputs('--dest', [args.dest], [('--data', args.data), ('--detector', args.detector)])
     num = len(dataset.ImageDataset(args.data))
     if num < 2:
         raise ValueError(f'"{args.data}" holds {num} image; statistics need at least 2')
     device = init_distributed()
     detector = load_detector(args.detector, device)
+    feature_dim(detector, image_shape(args.data), device, args.detector)
     stats = stats_of_images(args.data, detector, args.batch, device, keep_features=not args.no_features)
     mu, sigma = stats.mu_sigma()
     features = None if args.no_features else stats.all_features().cpu().numpy()
@@ -573,6 +635,9 @@ def cmd_fid(args):
     if args.snapshots:
         snapshots = check_snapshots(args, seed_sets)
         pr, need = False, 2
+    else:
+        check_output('--report', args.report)
+        check_not_inputs('--report', [args.report], source_inputs(args, ckpt))
     size = min(num_images if s is None else len(s) for s in seed_sets)
     if size < need:
         raise ValueError(f'each sample set needs at least {need} images for {what}, got {size}')
@@ -586,15 +651,13 @@ def cmd_fid(args):
 
     device = init_distributed()
     detector = load_detector(args.detector, device)
+    if args.snapshots:                                      # the reference's statistics only if a snapshot needs scoring
+        return fid_of_snapshots(args, snapshots, prompts, seed_sets[0], detector, lambda: ref or reference_stats(args, detector, device, pr), device)
     if ref is None:
-        stats = stats_of_images(args.ref, detector, args.batch, device, keep_features=pr)
-        mu, sigma = stats.mu_sigma()
-        ref = dict(mu=mu, sigma=sigma, features=stats.all_features() if pr else None)
-    if args.snapshots:
-        return fid_of_snapshots(args, snapshots, prompts, seed_sets[0], detector, ref, device)
+        ref = reference_stats(args, detector, device, pr)
     real_features = torch.as_tensor(ref['features'], device=device) if pr else None
     sampler = load_source(args, ckpt, prompts, device) if args.images is None else None
-    dim = feature_dim(detector, sampler.image_shape if sampler is not None else image_shape(args.images), device)
+    dim = feature_dim(detector, sampler.image_shape if sampler is not None else image_shape(args.images), device, args.detector)
     if dim != len(ref['mu']):
         raise ValueError(f'--ref "{args.ref}" holds {len(ref["mu"])}-d features but --detector "{args.detector}" gives {dim}-d ones: build the reference with the same detector (evaluate.py ref --detector ...)')
     results = []
@@ -618,9 +681,23 @@ def cmd_fid(args):
         write_json(args.report, dict(source, ref=args.ref, k=args.k, sets=results, summary=summary))
         print0(f'FID min {summary["fid"]["min"]:.4f} mean {summary["fid"]["mean"]:.4f} over {len(results)} set(s); wrote "{args.report}"')
 
+def reference_stats(args, detector, device, pr):
+    feature_dim(detector, image_shape(args.ref), device, args.detector)
+    stats = stats_of_images(args.ref, detector, args.batch, device, keep_features=pr)
+    mu, sigma = stats.mu_sigma()
+    return dict(mu=mu, sigma=sigma, features=stats.all_features() if pr else None)
+
 # Model selection: FID of every generator snapshot of a run (training_loop writes snapshot-<iteration>.pt every
 # --snap-every, from iteration 0), all on the same seeds, so the curve shows the run and not the seeds. Results go
-# to <run>/fid-snapshots.json and .png after each snapshot; a rerun reuses the entries of the same images and ref.
+# to <run>/fid-snapshots.json and .png after each snapshot. Each snapshot is scored with the weights a warm start
+# from it uses: its EMA when it kept one, else its raw generator; "weights" in the JSON says which
+# ('generator_ema' or 'generator'). A rerun reuses an entry only when everything that made its number is the same:
+# the seeds, the detector and reference files, the sampler settings (the cache's "key"), and the snapshot file.
+# Files are identified by path, size and modification time in ns, not by a content hash: hashing a 2 GB snapshot
+# or a 400 MB reference on every rerun costs seconds each, while every rewrite (ours replace files atomically)
+# changes the time.
+FID_CACHE_SCHEMA = 2
+
 def check_snapshots(args, seed_sets):
     if args.images is not None or args.teacher is not None or not os.path.isdir(args.ckpt or ''):
         raise ValueError(f'--snapshots scores the snapshots of a run: pass --ckpt RUN_DIR (got --ckpt {args.ckpt})')
@@ -629,31 +706,77 @@ def check_snapshots(args, seed_sets):
     snapshots = snapshots_of(args.ckpt)
     if not snapshots:
         raise FileNotFoundError(f'No snapshot-<iteration>.pt in "{args.ckpt}": training_loop.py writes them every --snap-every iterations')
+    outputs = [os.path.join(args.ckpt, name) for name in ('fid-snapshots.json', 'fid-snapshots.png')]
+    for path in outputs:
+        check_output('--snapshots', path)
+    check_not_inputs('--snapshots', outputs, source_inputs(args) + [('a snapshot', path) for path in snapshots])
     return snapshots
 
-def fid_of_snapshots(args, snapshots, prompts, seeds, detector, ref, device):
+def cache_key(args, seeds):
+    sampler = dict(resolution=args.resolution, bf16=args.bf16, sd=file_key(args.sd), captions=file_key(args.captions)) if args.captions or args.sd else {}
+    return dict(seeds=f'{seeds[0]}-{seeds[-1]}', num_images=len(seeds), detector=file_key(args.detector), ref=file_key(args.ref), sampler=sampler)
+
+# The entries of a readable cache made with `key`, by snapshot file name; a damaged or foreign cache is named and rebuilt.
+def read_fid_cache(path, key):
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding='utf-8') as f:
+            old = json.load(f)
+        if not isinstance(old, dict) or old.get('schema') != FID_CACHE_SCHEMA:
+            raise ValueError(f'schema {old.get("schema") if isinstance(old, dict) else type(old).__name__}, not {FID_CACHE_SCHEMA}')
+        entries = {}
+        for e in old['snapshots']:
+            if not (type(e['fid']) is float and type(e['iteration']) is int and e['weights'] in ('generator', 'generator_ema') and isinstance(e['file'], str)):
+                raise ValueError(f'a malformed entry {" ".join(str(e).split())[:60]}')
+            entries[e['file']] = e
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print0(f'{path} cannot be read ({type(err).__name__}: {" ".join(str(err).split())[:120]}); rebuilding it')
+        return {}
+    if old.get('key') != key:
+        changed = sorted(k for k in key if key[k] != (old.get('key') or {}).get(k))
+        print0(f'{path} was made with other {", ".join(changed)}: scoring every snapshot again')
+        return {}
+    return entries
+
+def fid_of_snapshots(args, snapshots, prompts, seeds, detector, reference, device):
     path_json, path_png = os.path.join(args.ckpt, 'fid-snapshots.json'), os.path.join(args.ckpt, 'fid-snapshots.png')
-    old = json.load(open(path_json)) if os.path.isfile(path_json) else {}
-    done = {e['path']: e for e in old.get('snapshots', []) if e['num_images'] == len(seeds) and old.get('ref') == args.ref}
-    entries = []
+    key = cache_key(args, seeds)
+    done, entries, ref = read_fid_cache(path_json, key), [], None
     for i, path in enumerate(snapshots):
-        if path not in done:
+        name, stat = os.path.basename(path), file_key(path)
+        entry = done.get(name)
+        if entry is None or (entry.get('size'), entry.get('mtime_ns')) != (stat['size'], stat['mtime_ns']):
             ckpt = load_checkpoint(path)
-            stats = stats_of_seeds(load_source(args, ckpt, prompts, device), seeds, detector, args.batch, device, keep_features=False,
+            ref = ref or reference()
+            sampler = load_source(args, ckpt, prompts, device)
+            dim = feature_dim(detector, sampler.image_shape, device, args.detector)
+            if dim != len(ref['mu']):
+                raise ValueError(f'--ref "{args.ref}" holds {len(ref["mu"])}-d features but --detector "{args.detector}" gives {dim}-d ones: build the reference with the same detector')
+            stats = stats_of_seeds(sampler, seeds, detector, args.batch, device, keep_features=False,
                                    label=f'[snapshot {i + 1}/{len(snapshots)}: iteration {ckpt["iteration"]}] ')
             mu, sigma = stats.mu_sigma()
-            done[path] = dict(iteration=int(ckpt['iteration']), path=path, fid=frechet_distance(mu, sigma, ref['mu'], ref['sigma']), num_images=len(seeds))
-        entries.append(done[path])
+            weights = 'generator_ema' if ckpt.get('generator_ema') is not None else 'generator'   # what load_generator used
+            entry = dict(iteration=int(ckpt['iteration']), path=path, file=name, size=stat['size'], mtime_ns=stat['mtime_ns'],
+                         weights=weights, fid=frechet_distance(mu, sigma, ref['mu'], ref['sigma']), num_images=len(seeds))
+        entries.append(dict(entry, path=path))
         best = min(entries, key=lambda e: e['fid'])
-        print0(f'iteration {entries[-1]["iteration"]}  FID {entries[-1]["fid"]:.4f}  ({entries[-1]["num_images"]} images)')
+        print0(f'iteration {entry["iteration"]}  FID {entry["fid"]:.4f}  ({entry["num_images"]} images, {entry["weights"]} weights)')
         if get_rank() == 0:
-            write_json(path_json, dict(snapshots=entries, best=dict(iteration=best['iteration'], path=best['path'], fid=best['fid']), ref=args.ref))
+            write_json(path_json, dict(schema=FID_CACHE_SCHEMA, key=key, snapshots=entries, ref=args.ref,
+                                       best=dict(iteration=best['iteration'], path=best['path'], fid=best['fid'], weights=best['weights'])))
             save_figure(fid_figure(entries, best), path_png)
-    print0(f'Best: iteration {best["iteration"]}, FID {best["fid"]:.4f} ({best["path"]}); wrote "{path_json}" and "{path_png}"')
+    print0(f'Best: iteration {best["iteration"]}, FID {best["fid"]:.4f}, {best["weights"]} weights ({best["path"]}); wrote "{path_json}" and "{path_png}"')
 
 # CLIP score of a folder/zip of images with their captions, or of a text-to-image source's images made on the fly.
+def check_report(args, ckpt=None):
+    if args.report:
+        check_output('--report', args.report)
+        check_not_inputs('--report', [args.report], source_inputs(args, ckpt))
+
 def cmd_clip(args):
     check_clip_model(args.clip_model)
+    check_report(args)
     if args.images is not None:
         if args.ckpt is not None or args.teacher is not None or args.sd is not None:
             raise ValueError('pass one of --images or a text-to-image source (--ckpt or --sd)')
@@ -684,6 +807,7 @@ def cmd_latency(args):
     if args.ckpt is None and args.teacher is None and args.sd is None:
         raise ValueError('pass --ckpt (a run; its teacher too), --teacher (an EDM .pkl) or --sd (an SD v1.5 folder)')
     ckpt = load_checkpoint(args.ckpt) if args.ckpt else None
+    check_report(args, ckpt)
     t2i = is_t2i(ckpt) or ckpt is None and args.teacher is None
     if t2i:
         prompts = check_t2i(args, ckpt, need_prompts=False)
@@ -778,7 +902,7 @@ def parse_args(argv=None):
 
     p = sub.add_parser('export', help='Write the one-step student as a diffusers UNet folder (SD) or EDMPrecond safetensors + JSON (EDM)')
     p.add_argument('--ckpt', required=True, help='Run directory (its latest checkpoint-*.pt), one checkpoint file or one snapshot file')
-    p.add_argument('--dest', required=True, help='Output folder (created): config.json + diffusion_pytorch_model.safetensors, or generator.safetensors + generator.json; and README.md')
+    p.add_argument('--dest', required=True, help='Output folder, new or empty (created): config.json + diffusion_pytorch_model.safetensors, or generator.safetensors + generator.json; and README.md')
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser('weights', help='Fig. 5: normalised h and score difference of N generated samples, sorted')

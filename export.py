@@ -6,10 +6,9 @@ The subcommand is dispatched by evaluate.py.
 
 import os
 
-import rundir
 import sd_unet
 from distributed import print0
-from students import is_t2i, load_checkpoint, load_generator, write_json
+from students import check_not_inputs, check_output, is_t2i, load_checkpoint, load_generator, write_file, write_json
 
 #----------------------------------------------------------------------------
 # Export: the one-step student in the formats people load elsewhere. An SD student becomes a diffusers
@@ -70,15 +69,27 @@ with torch.no_grad():
 def write_export(dest, weights_name, state_dict, config_name, config):
     import safetensors.torch
     data = safetensors.torch.save({k: v.contiguous() for k, v in state_dict.items()}, metadata=dict(format='pt'))
-    os.makedirs(dest, exist_ok=True)
-    rundir.atomic_write(os.path.join(dest, weights_name), lambda f: f.write(data))
+    write_file(os.path.join(dest, weights_name), lambda f: f.write(data))
     write_json(os.path.join(dest, config_name), config)
+
+# The files of each kind of export. --dest must be new or empty: a folder holding anything else -- a user's README.md,
+# the other kind of export, or an earlier export of the same kind (whose checkpoint may since have been rotated away)
+# -- is refused, never replaced or mixed; delete it yourself to export there again.
+EXPORT_FILES = dict(SD=('README.md', 'config.json', 'diffusion_pytorch_model.safetensors'), EDM=('README.md', 'generator.json', 'generator.safetensors'))
+
+def check_dest(dest, ckpt, kind):
+    check_output('--dest', dest, kind='dir')
+    check_not_inputs('--dest', [dest], [('--ckpt', ckpt['path']), ('the run directory of --ckpt', os.path.dirname(ckpt['path']))])
+    found = sorted(os.listdir(dest)) if os.path.isdir(dest) else []
+    if not found:
+        return
+    held = [k for k, names in EXPORT_FILES.items() if set(names[1:]) <= set(found)]
+    what = f'an {held[0]} export' + (' of the same kind' if held[0] == kind else f', and this {kind} run cannot go there') if held else f'{len(found)} other file(s): {", ".join(found[:3])}{", ..." if len(found) > 3 else ""}'
+    raise FileExistsError(f'--dest "{dest}" is not empty: it holds {what}; export writes only into a new or empty folder: pass one (or delete "{dest}" to export there again)')
 
 def cmd_export(args):
     ckpt = load_checkpoint(args.ckpt)
-    marker = os.path.join(args.dest, 'config.json' if is_t2i(ckpt) else 'generator.safetensors')
-    if os.path.exists(marker):
-        raise FileExistsError(f'--dest {args.dest} already holds an export ({marker}): pass a new folder')
+    check_dest(args.dest, ckpt, 'SD' if is_t2i(ckpt) else 'EDM')
     weights = 'generator_ema' if ckpt.get('generator_ema') is not None else 'generator'
     info = dict(source=ckpt['path'], iteration=ckpt.get('iteration'), weights=weights, f=ckpt.get('options', {}).get('f'))
     if is_t2i(ckpt):
@@ -90,7 +101,7 @@ def cmd_export(args):
         generator = load_generator(ckpt, 'cpu')
         write_export(args.dest, 'generator.safetensors', generator.net.state_dict(), 'generator.json', edm_nets.generator_spec(generator, info))
         readme = EDM_EXPORT_README.format(**info, dest=args.dest)
-    rundir.atomic_write(os.path.join(args.dest, 'README.md'), lambda f: f.write(readme.encode()))
+    write_file(os.path.join(args.dest, 'README.md'), lambda f: f.write(readme.encode()))
     print0(f'Exported the {weights} weights of "{ckpt["path"]}" to "{args.dest}" (see its README.md)')
 
 #----------------------------------------------------------------------------

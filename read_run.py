@@ -13,10 +13,10 @@ import torch
 
 import distributed
 import fdistill
-import rundir
 import sd_unet
 from distributed import gather_rows, get_rank, get_world_size, print0
-from students import TEACHER_HINT, Progress, check_file, class_labels, is_t2i, latents, load_checkpoint, load_generator, load_teacher, rank_batches, write_json
+from students import (TEACHER_HINT, Progress, check_file, check_not_inputs, check_output, class_labels, is_t2i, latents, load_checkpoint,
+                      load_generator, load_teacher, rank_batches, write_file, write_json)
 
 #----------------------------------------------------------------------------
 # Fig. 5 (Sec. 5.2): for generated samples y = G(z), the normalised weight h of the run's f and the squared
@@ -84,8 +84,7 @@ def plot_weights(table, f_name, path):
     ax.set_title(f'{f_name}: normalised h vs score difference, {n} samples (Fig. 5)')
     ax2.legend(handles=[*ax.get_lines(), ax2.get_lines()[1]], loc='upper left', fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 #----------------------------------------------------------------------------
 # Plots of a run, for reading it ("Reading a run" in README.md): stats.jsonl (and fid-snapshots.json where
@@ -93,14 +92,68 @@ def plot_weights(table, f_name, path):
 # Dashed grey lines mark where a run at chance sits (discriminator loss 2 ln 2, accuracy 0.5, r = 1, ESS 1)
 # and the clip of r.
 
+# A run's files, checked before anything is drawn: each bad one is one line naming it. A torn last line of
+# stats.jsonl (a run killed, or still running, while writing it) is left out, as --resume does.
 def read_stats(run):
     path = os.path.join(run, 'stats.jsonl')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path} not found: pass a run directory written by train_cifar.py, train_imagenet.py or train_t2i.py')
-    stats = [json.loads(line) for line in open(path) if line.strip()]
+    with open(path, 'rb') as f:
+        lines = [line for line in f.read().split(b'\n') if line.strip()]
+    stats = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+            good = isinstance(entry, dict) and type(entry.get('iteration')) is int and all(
+                v is None or type(v) in (int, float) for k, v in entry.items())
+        except ValueError:                                      # not JSON, or not UTF-8
+            entry, good = None, False
+        if not good and number == len(lines) and entry is None:
+            break
+        if not good:
+            raise ValueError(f'{path} line {number} is not a stats line of training_loop.py (a JSON object of numbers with an integer "iteration"): '
+                             f'the file is damaged or foreign; pass a run directory written by train_*.py')
+        stats.append(entry)
     if not stats:
         raise ValueError(f'{path} is empty: the run has not logged yet (every --log-every iterations)')
     return stats
+
+def read_json(path, what, fix):
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except ValueError as err:                                   # not JSON, or not UTF-8
+        raise ValueError(f'{path} is not readable JSON ({type(err).__name__}: {" ".join(str(err).split())[:80]}): {what}; {fix}') from None
+
+OPTION_TYPES = dict(f=str, num_bins=int, r_min=(int, float), r_max=(int, float))
+
+def read_options(run):
+    path = os.path.join(run, 'training_options.json')
+    if not os.path.isfile(path):
+        return {}
+    fix = 'restore it from the run, or move it away to plot without it'
+    options = read_json(path, 'it holds the flags of the run', fix)
+    bad = [k for k, t in OPTION_TYPES.items() if isinstance(options, dict) and k in options and (type(options[k]) is bool or not isinstance(options[k], t))]
+    if not isinstance(options, dict) or bad or options.get('num_bins', 1) < 1:
+        raise ValueError(f'{path} is not the training_options.json of a train_*.py run (bad {", ".join(bad) or "num_bins" if isinstance(options, dict) else "content"}): {fix}')
+    return options
+
+# fid-snapshots.json is a cache that `fid --snapshots` rebuilds: an unreadable one is named and its figure skipped.
+def read_fid(run):
+    path = os.path.join(run, 'fid-snapshots.json')
+    if not os.path.isfile(path):
+        return None
+    try:
+        fid = read_json(path, '', '')
+        if not all(type(e['iteration']) is int and type(e['fid']) is float for e in fid['snapshots']):
+            raise ValueError('an entry without an integer iteration and a float fid')
+        best = fid.get('best')
+        if best is not None and not (type(best['iteration']) is int and type(best['fid']) is float):
+            raise ValueError('a "best" without an integer iteration and a float fid')
+        return fid
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        print0(f'Skipping the FID figure: {path} cannot be read ({type(err).__name__}); `evaluate.py fid --snapshots --ckpt {run} ...` rebuilds it')
+        return None
 
 # The stage-1 sigma bins of a run, as "a-b" labels (training_loop: fdistill.sigma_bin_edges on the task's levels).
 def bin_labels(options):
@@ -108,6 +161,8 @@ def bin_labels(options):
     n = options.get('num_bins', 10)
     cuts = [float(levels[int(0.02 * len(levels))])] + fdistill.sigma_bin_edges(levels, n).tolist() + [float(levels[int(0.98 * len(levels)) - 1])]
     return [f'σ {cuts[k]:.3g}–{cuts[k + 1]:.3g}' for k in range(n)]
+
+PLOT_NAMES = ('losses', 'weights', 'discriminator', 'speed', 'fid')
 
 def run_figures(stats, options, fid=None):
     import matplotlib
@@ -137,6 +192,7 @@ def run_figures(stats, options, fid=None):
         speed=[('images / s', [('images_per_sec', 'images/s', {})], [], False),
                ('peak memory (GB)', [('memory_gb', 'memory_gb', {})], [], False),
                ('learning rate', [('lr', 'generator, fake score', {}), ('lr_head', 'discriminator head', {})], [], True)])
+    assert tuple(groups) + ('fid',) == PLOT_NAMES
     figures = []
     for name, panels in groups.items():
         panels = [(title, [line for line in lines if has(line[0])], ref, log) for title, lines, ref, log in panels]
@@ -169,13 +225,11 @@ def cmd_plot(args):
     if not os.path.exists(args.ckpt):
         raise FileNotFoundError(f'--ckpt {args.ckpt} not found: pass a run directory (it holds stats.jsonl)')
     run = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
-    stats = read_stats(run)
-    options_path = os.path.join(run, 'training_options.json')
-    options = json.load(open(options_path)) if os.path.isfile(options_path) else {}
-    fid_path = os.path.join(run, 'fid-snapshots.json')
-    fid = json.load(open(fid_path)) if os.path.isfile(fid_path) else None
     outdir = args.outdir or os.path.join(run, 'plots')
-    os.makedirs(outdir, exist_ok=True)
+    check_output('--outdir', outdir, kind='dir')
+    inputs = [(f'the run\'s {name}', os.path.join(run, name)) for name in ('stats.jsonl', 'training_options.json', 'fid-snapshots.json')]
+    check_not_inputs('--outdir', [outdir] + [os.path.join(outdir, f'{name}.png') for name in PLOT_NAMES], inputs)
+    stats, options, fid = read_stats(run), read_options(run), read_fid(run)
     for name, fig in run_figures(stats, options, fid):
         path = os.path.join(outdir, f'{name}.png')
         save_figure(fig, path)
@@ -183,8 +237,10 @@ def cmd_plot(args):
 
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
-    rundir.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110))
-    plt.close(fig)
+    try:
+        write_file(path, lambda f: fig.savefig(f, format='png', dpi=110))
+    finally:
+        plt.close(fig)
 
 # FID against iteration, the best snapshot starred: fid-snapshots.png (fid --snapshots) and plots/fid.png (plot).
 def fid_figure(entries, best):
@@ -215,6 +271,9 @@ def cmd_weights(args):
     if args.num_images < 2:
         raise ValueError(f'--num-images {args.num_images}: the diagnostic needs at least 2 samples')
     outdir = args.outdir or os.path.dirname(ckpt['path'])
+    name = os.path.splitext(os.path.basename(ckpt['path']))[0]
+    check_output('--outdir', outdir, kind='dir')
+    check_not_inputs('--outdir', [outdir] + [os.path.join(outdir, f'weights-{name}.{ext}') for ext in ('png', 'json')], [('--ckpt', ckpt['path']), ('--teacher', teacher_path)])
     device = distributed.init_distributed()[2]
     if args.num_images < get_world_size():
         raise ValueError(f'--num-images {args.num_images}: every one of the {get_world_size()} processes needs a sample')
@@ -222,8 +281,6 @@ def cmd_weights(args):
     teacher.use_fp16 = False                                # as in training (train_edm.py)
     table, stats = weight_diagnostic(ckpt, teacher, list(range(args.seed, args.seed + args.num_images)), args.batch, device)
     if get_rank() == 0:
-        os.makedirs(outdir, exist_ok=True)
-        name = os.path.splitext(os.path.basename(ckpt['path']))[0]
         f_name = fdistill.divergence(ckpt['options']['f']).name
         plot_weights(table, f_name, os.path.join(outdir, f'weights-{name}.png'))
         corr = float(np.corrcoef(np.log(np.maximum(table['score_diff'], 1e-30)), table['h'])[0, 1])

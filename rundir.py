@@ -91,9 +91,14 @@ class Run:
 
 def atomic_write(path, write):
     tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:                       # a full disk, an error or an interrupt: no partial file is left
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 def image_grid(images):
     n, c, h, w = images.shape

@@ -4,7 +4,10 @@ student rebuilt (EMA weights if kept), the EDM teacher loaded from its pickle, a
 Used by evaluate.py (sampling, metrics), read_run.py (the Fig. 5 diagnostic) and export.py.
 """
 
+import contextlib
+import errno
 import glob
+import hashlib
 import json
 import os
 import time
@@ -111,9 +114,89 @@ class Progress:
 
 # JSON reports and configs, written atomically (the folder created).
 def write_json(path, data):
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    rundir.atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
+    write_file(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
+
+#----------------------------------------------------------------------------
+# Outputs. No command writes over one of its own inputs (paths compared after resolving links, and by inode);
+# an output path is checked before any compute (an existing file where a folder goes, a folder where a file
+# goes, a read-only folder, a name too long for the file system); a write that fails (a full disk) ends in one
+# line naming the folder, and atomic_write leaves no partial file.
+
+def same_file(a, b):
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+# The outputs of `flag` (paths) against the inputs [(flag or description, path)]; a path None is skipped.
+def check_not_inputs(flag, outputs, inputs):
+    for out in outputs:
+        for what, path in inputs:
+            if out is not None and path is not None and same_file(out, path):
+                raise ValueError(f'{flag}: "{out}" would be written over {what} "{path}", an input of this command: pass another {flag}')
+
+def nearest_existing(path):
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+# kind 'file' (written atomically: a temp file beside it first) or 'dir' (created, files written into it).
+def check_output(flag, path, kind='file'):
+    if kind == 'dir' and os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f'{flag} "{path}" is an existing file, not a folder: pass a folder')
+    if kind == 'file' and os.path.isdir(path):
+        raise FileExistsError(f'{flag} "{path}" is a folder: pass a file path')
+    parent = nearest_existing(path if kind == 'dir' else os.path.dirname(os.path.abspath(path)))
+    if not os.path.isdir(parent):
+        raise FileExistsError(f'{flag} "{path}": "{parent}" is an existing file, not a folder: pass a path in a folder')
+    name_max, path_max = os.pathconf(parent, 'PC_NAME_MAX'), os.pathconf(parent, 'PC_PATH_MAX')
+    parts = [len(os.fsencode(part)) for part in os.path.abspath(path).split(os.sep)]
+    parts[-1] += len(f'.tmp{os.getpid()}') if kind == 'file' else 0       # atomic_write's temp file beside it
+    if max(parts) > name_max or len(os.fsencode(os.path.abspath(path))) + 32 > path_max:
+        raise ValueError(f'{flag} "{path}" is too long for the file system ({name_max} bytes a name with its temp suffix, {path_max} a path): pass a shorter path')
+    try:                                                    # the one reliable test of "can write here", root included
+        with open(os.path.join(parent, f'.fdistill-write-test{os.getpid()}'), 'wb'):
+            pass
+        os.remove(os.path.join(parent, f'.fdistill-write-test{os.getpid()}'))
+    except OSError as err:
+        raise ValueError(f'{flag} "{path}": cannot write in "{parent}" ({os.strerror(err.errno)}): pass a writable folder') from None
+
+# A write that fails for want of space, permission or a folder ends in one line naming the folder.
+@contextlib.contextmanager
+def output_errors(path):
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EEXIST, errno.EFBIG):
+            raise
+        folder = os.path.dirname(os.path.abspath(path))
+        fix = 'free space there or pass' if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else 'pass'
+        raise ValueError(f'Could not write "{path}": {os.strerror(err.errno)} in "{folder}"; nothing partial was left: {fix} another output path') from None
+
+def write_file(path, write):
+    with output_errors(path):
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        rundir.atomic_write(path, write)
+
+# What identifies a file's content without reading it: its size and modification time in ns (a rewrite, which our
+# writers do by atomic replace, changes both); a folder of images: a digest of its files' names, sizes and times.
+def file_key(path):
+    if path is None:
+        return None
+    if os.path.isdir(path):
+        digest = hashlib.sha1()
+        for root, dirs, files in sorted(os.walk(path)):
+            dirs.sort()
+            for name in sorted(files):
+                st = os.stat(os.path.join(root, name))
+                digest.update(f'{os.path.relpath(os.path.join(root, name), path)}\0{st.st_size}\0{st.st_mtime_ns}\0'.encode())
+        return dict(path=os.path.realpath(path), folder_digest=digest.hexdigest())
+    st = os.stat(path)
+    return dict(path=os.path.realpath(path), size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
 #----------------------------------------------------------------------------

@@ -500,7 +500,7 @@ def test_export_edm_student_round_trips_exactly(tmp_path):
     scope = {}
     exec(readme.split('```python\n')[1].split('```')[0], scope)
     assert scope['images'].shape == (16, 3, 16, 16) and torch.isfinite(scope['images']).all()
-    with pytest.raises(SystemExit, match='already holds an export'):
+    with pytest.raises(SystemExit, match='holds an EDM export of the same kind; export writes only into a new or empty folder'):
         evaluate.main(['export', '--ckpt', snapshot, '--dest', dest])
 
 def test_export_sd_student_loads_in_diffusers(t2i, tmp_path, monkeypatch):

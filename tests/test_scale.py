@@ -193,7 +193,7 @@ def test_clipping_snapshots_fid_per_snapshot_and_warm_start(files, tmp_path, mon
     result = json.load(open(out / 'fid-snapshots.json'))
     assert [e['iteration'] for e in result['snapshots']] == [0, 2, 3] and all(e['num_images'] == 6 for e in result['snapshots'])
     best = min(result['snapshots'], key=lambda e: e['fid'])
-    assert result['best'] == dict(iteration=best['iteration'], path=best['path'], fid=best['fid'])
+    assert result['best'] == dict(iteration=best['iteration'], path=best['path'], fid=best['fid'], weights=best['weights'])
     assert os.path.getsize(out / 'fid-snapshots.png') > 0
     evaluate.main(['fid', '--ckpt', str(out / 'snapshot-0000002.pt'), *common, '--report', str(tmp_path / 'one.json')])
     assert json.load(open(tmp_path / 'one.json'))['sets'][0]['fid'] == pytest.approx(result['snapshots'][1]['fid'], rel=1e-9)
