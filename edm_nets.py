@@ -589,9 +589,14 @@ def set_dropout(net, p):
             module.init_kwargs['dropout'] = p
     return net
 
-# Students and fake scores start as trainable copies of the teacher, with dropout off.
+# Students and fake scores start as trainable copies of the teacher, with dropout off. They are never given
+# augmentation labels, so EDM's map_augment (CIFAR-10's teacher has one) stays frozen at the teacher's weights:
+# every trainable parameter gets a gradient in every step, as DDP without find_unused_parameters needs.
 def copy_without_dropout(net):
-    return set_dropout(copy.deepcopy(net), 0).train().requires_grad_(True)
+    net = set_dropout(copy.deepcopy(net), 0).train().requires_grad_(True)
+    if net.model.map_augment is not None:
+        net.model.map_augment.requires_grad_(False)
+    return net
 
 def make_generator(teacher, sigma_init=80.0):
     return OneStepGenerator(copy_without_dropout(teacher), sigma_init=sigma_init)

@@ -56,7 +56,7 @@ def parse_args(description, preset, add_task_args=None, argv=None):
     p.add_argument('--grid',            default=64,                 type=positive_int, help='Images in each sample grid (fixed seeds)')
     p.add_argument('--resume',          default=None, nargs='?', const='latest', help='Continue a run with the same flags: a checkpoint file, or the latest intact one in --outdir')
     p.add_argument('--init-from',       default=None,               help='Warm start generator, fake score and head from another run\'s checkpoint (a snapshot: the generator only)')
-    p.add_argument('--precision',       default=None, choices=PRECISIONS, help=f'Network passes in fp32, tf32 (TF32 on CUDA) or bf16 (autocast + TF32); weights, optimiser state, losses, r stay fp32 (default: {preset.get("precision", "fp32")} on CUDA, fp32 on CPU)')
+    p.add_argument('--precision',       default=None, choices=PRECISIONS, help=f'Network passes in fp32, tf32 (TF32 matmuls on CUDA; on a CPU, fp32) or bf16 (autocast + TF32); weights, optimiser state, losses, r stay fp32 (default: {preset.get("precision", "fp32")} on CUDA, fp32 on CPU)')
     p.add_argument('--grad-clip',       default=10.0,               type=non_negative_float, help='Clip each network\'s gradient norm (generator, fake score, head) to this; 0 = off (DMD2, FastGen: 10)')
     p.add_argument('--workers',         default=2,                  type=non_negative_int, help='DataLoader processes per GPU reading real samples ahead of the loop; 0 = in the loop')
     p.add_argument('--max-nan',         default=20,                 type=positive_int, help='Stop after this many non-finite losses in a row')
@@ -80,6 +80,8 @@ def parse_args(description, preset, add_task_args=None, argv=None):
         p.error(f'--benchmark {opts.benchmark}: the number of timed steps cannot be negative')
     if opts.precision is None:
         opts.precision = preset.get('precision', 'fp32') if torch.cuda.is_available() else 'fp32'
+    if opts.precision == 'tf32' and not torch.cuda.is_available() and int(os.environ.get('RANK', 0)) == 0:
+        print(f'{p.prog}: --precision tf32 on a CPU means fp32 (TF32 is a CUDA tensor-core format)', file=sys.stderr, flush=True)
     return opts
 
 # argparse types: a count of zero or less, or a rate that is not finite, is an error, never "the default".

@@ -81,8 +81,8 @@ def build_task(opts, preset, device, rank, world):
         data = dataset.ImageDataset(opts.data)
         check_data(data, teacher)
         verify_images(data, rank, world)
-    generator = edm_nets.make_generator(teacher, opts.sigma_init).train().requires_grad_(True)
-    fake_score = edm_nets.make_generator(teacher, opts.sigma_init).net.train().requires_grad_(True)
+    generator = edm_nets.make_generator(teacher, opts.sigma_init)
+    fake_score = edm_nets.copy_without_dropout(teacher)
     try:
         head_kwargs = dict(channels=edm_nets.feature_channels(teacher, opts.disc_res), resolutions=opts.disc_res)
     except ValueError as err:

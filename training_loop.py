@@ -248,9 +248,10 @@ def update_ema(s, it):
     if s.ema is None:
         return
     beta = ema_beta(s.opts.batch, (it // s.opts.tau) * s.opts.batch, s.opts.ema_halflife_kimg, s.opts.ema_rampup)
+    # One foreach call, as torch.optim.swa_utils.get_ema_multi_avg_fn does (one fused kernel per chunk of tensors on
+    # CUDA; a loop of the same lerp_ on the CPU, so CPU values equal the per-parameter loop's bit for bit).
     with torch.no_grad():
-        for p_ema, p in zip(s.ema.parameters(), s.generator.parameters()):
-            p_ema.lerp_(p, 1 - beta)
+        torch._foreach_lerp_(list(s.ema.parameters()), list(s.generator.parameters()), 1 - beta)
 
 # EMA decay of one generator step, as EDM's training loop: the half-life is ramp-up x images the generator has
 # seen before this step, up to the preset's, so a short run's EMA follows the generator (its first step copies it).
@@ -303,9 +304,12 @@ def checkpoint(s, run, it, nan_total, last_ckpt):
         raise FloatingPointError(diverged(str(err), last_ckpt)) from None
     return os.path.join(s.opts.outdir, f'checkpoint-{it:07d}.pt')
 
-# A sample grid from fixed latents (and fixed dataset items' conditioning), EMA weights if kept.
+# A sample grid from fixed latents (and fixed dataset items' conditioning), EMA weights if kept: rank 0 builds it
+# (plain modules, no collectives) in chunks of --batch-gpu; the others go on to the next iteration.
 def grid(s, run, it):
     opts, task, bg = s.opts, s.task, s.batch_gpu
+    if s.rank != 0:
+        return
     net = s.ema if s.ema is not None else s.generator
     g = torch.Generator(s.device).manual_seed(opts.seed + 12345)
     z = randn(g, opts.grid, task.z_shape, s.device)
@@ -327,12 +331,12 @@ def setup(opts, task, rank, world, device):
     opt_g = torch.optim.AdamW(generator.parameters(), lr=opts.lr, weight_decay=opts.wd)
     opt_c = torch.optim.AdamW([dict(params=fake_score.parameters()), dict(params=head.parameters(), lr=opts.lr_head)], lr=opts.lr, weight_decay=opts.wd)
     # DDP. The critic step sees the fake score and head through DDP; the generator step sees the
-    # generator through DDP and calls the head's plain module with its parameters frozen.
+    # generator through DDP and calls the head's plain module with its parameters frozen. Gradients are views
+    # into DDP's all-reduce buckets (no second copy of them); every trainable parameter gets a gradient in
+    # every step (the tasks freeze what their networks never use), so DDP need not search the graph for unused ones.
     if world > 1:
-        ids = [device.index] if device.type == 'cuda' else None
-        ddp_generator = DDP(generator, device_ids=ids, find_unused_parameters=True)
-        ddp_fake_score = DDP(fake_score, device_ids=ids, find_unused_parameters=True)
-        ddp_head = DDP(head, device_ids=ids)
+        ddp = lambda net: DDP(net, device_ids=[device.index] if device.type == 'cuda' else None, gradient_as_bucket_view=True)
+        ddp_generator, ddp_fake_score, ddp_head = ddp(generator), ddp(fake_score), ddp(head)
     else:
         ddp_generator, ddp_fake_score, ddp_head = generator, fake_score, head
     slices = [slice((k * world + rank) * batch_gpu, (k * world + rank + 1) * batch_gpu) for k in range(rounds)]   # this process's share

@@ -399,3 +399,21 @@ def test_save_and_load_network(tmp_path):
     assert loaded.init_kwargs == net.init_kwargs and torch.equal(loaded(x, sigma, labels), net(x, sigma, labels))
     with pytest.raises(FileNotFoundError, match='nope.pt'):
         load_network(str(tmp_path / 'nope.pt'))
+
+# DDP runs without find_unused_parameters (training_loop.setup): every trainable parameter of a student or fake score
+# must get a gradient from one pass. The teachers' map_augment (EDM's augmentation conditioning) is never given
+# labels, so the trainable copies freeze it; no other layer of any SongUNet or DhariwalUNet variant is left out.
+@pytest.mark.parametrize('net', ['song standard/standard', 'song skip/skip', 'song residual/skip', 'adm'])
+def test_trainable_copies_give_every_trainable_parameter_a_gradient(net):
+    if net == 'adm':
+        teacher = tiny_adm(augment_dim=9)
+    else:
+        encoder, decoder = net.split()[1].split('/')
+        teacher = tiny_song(encoder_type=encoder, decoder_type=decoder, augment_dim=9)
+    generator, fake_score = edm_nets.make_generator(teacher), edm_nets.copy_without_dropout(teacher)
+    x, labels = torch.randn(2, 3, 16, 16), torch.eye(4)[:2]
+    generator(x, labels).square().sum().backward()
+    fake_score(x, torch.tensor([1.0, 5.0]), labels).square().sum().backward()
+    for student in (generator, fake_score):
+        assert [n for n, p in student.named_parameters() if p.requires_grad and p.grad is None] == []
+        assert [n for n, p in student.named_parameters() if not p.requires_grad] == [n for n in dict(student.named_parameters()) if 'map_augment' in n] != []

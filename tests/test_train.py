@@ -2,6 +2,7 @@
 format, a synthetic dataset zip, torchrun with gloo."""
 
 import json
+import math
 import os
 import re
 import struct
@@ -29,14 +30,14 @@ def files(tmp_path_factory):
     fixtures.write_dataset_zip(d / 'data16.zip', num=8, resolution=16, num_classes=4)
     return d
 
-def train(files, outdir, *args, nproc=1, check=True):
+def train(files, outdir, *args, nproc=1, check=True, script='train_cifar.py'):
     common = ['--teacher', str(files / 'teacher.pkl'), '--data', str(files / 'data.zip'), '--outdir', str(outdir),
               '--batch', '8', '--disc-res', '8,4', '--grid', '4', '--log-every', '1', '--snap-every', '100',
               '--lr', '1e-3', '--ckpt-every', '1', '--keep', '100']
     if nproc == 1:
-        cmd = [sys.executable, 'train_cifar.py']
+        cmd = [sys.executable, script]
     else:
-        cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', f'--master_port={free_port()}', 'train_cifar.py']
+        cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', f'--master_port={free_port()}', script]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     result = subprocess.run(cmd + common + list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
@@ -80,6 +81,13 @@ def assert_same_gradients(a, b):
 def frozen(files, tmp_path_factory):
     out = tmp_path_factory.mktemp('frozen')
     train(files, out, '--iterations', '3', '--lr', '0')
+    return out
+
+# The same with reverse-KL (h = 1: no weight normalisation, so accumulation rounds give the same gradients), grid of 8.
+@pytest.fixture(scope='module')
+def frozen_rkl(files, tmp_path_factory):
+    out = tmp_path_factory.mktemp('frozen_rkl')
+    train(files, out, '--iterations', '3', '--f', 'rkl', '--lr', '0', '--grid', '8')
     return out
 
 #----------------------------------------------------------------------------
@@ -253,10 +261,9 @@ def test_lpips_regression_pairs_and_loss(files, tmp_path):
     missing = train(files, tmp_path / 'run2', '--iterations', '1', '--reg-weight', '0.25', check=False)
     assert '--lpips-vgg' in missing.stderr.strip().splitlines()[-1]
 
-def test_gradient_accumulation_rounds_match_one_round_after_kill_before_first_checkpoint(files, tmp_path):
+def test_gradient_accumulation_rounds_match_one_round_after_kill_before_first_checkpoint(files, frozen_rkl, tmp_path):
     # --batch-gpu 4 with batch 8: two accumulation rounds. Normalisation is per round, so the reverse-KL
-    # run (h = 1) must match one round; f-distill weights would differ slightly.
-    train(files, tmp_path / 'one', '--iterations', '3', '--f', 'rkl', '--lr', '0')
+    # run (h = 1) must match one round (frozen_rkl); f-distill weights would differ slightly.
     # The accumulating run is first killed (kill -9) after it logged two iterations, before its first checkpoint;
     # --resume then starts it over, and its stats.jsonl holds each iteration once.
     acc = ['--f', 'rkl', '--lr', '0', '--batch-gpu', '4']
@@ -279,7 +286,37 @@ def test_gradient_accumulation_rounds_match_one_round_after_kill_before_first_ch
     train(files, tmp_path / 'acc', '--iterations', '3', *acc, '--resume')
     assert 'starts over from iteration 0' in open(tmp_path / 'acc' / 'log.txt').read()
     assert [json.loads(line)['iteration'] for line in open(stats)] == [1, 2, 3]
-    assert_same_gradients(load(tmp_path / 'one', 3), load(tmp_path / 'acc', 3))
+    assert_same_gradients(load(frozen_rkl, 3), load(tmp_path / 'acc', 3))
+
+def read_png(path):
+    import numpy as np
+    import PIL.Image
+    return torch.from_numpy(np.array(PIL.Image.open(path))).int()
+
+# 2 gloo processes x 2 accumulation rounds (no_sync, then the synchronised backward) through tests/train_probe.py,
+# which records what setup() built, the gradients at every optimiser step, and the grid's network calls.
+def test_ddp_gradients_are_bucket_views_and_rank0_alone_builds_the_grid(files, frozen_rkl, tmp_path):
+    train(files, tmp_path, '--iterations', '3', '--f', 'rkl', '--lr', '0', '--batch-gpu', '2', '--grid', '8', '--ema-halflife-kimg', '0.01',
+          nproc=2, script='tests/train_probe.py')
+    probes = [json.load(open(tmp_path / f'probe-rank{rank}.json')) for rank in (0, 1)]
+    for probe in probes:
+        # No second copy of the gradients: each is a view into DDP's all-reduce buckets (all of a tiny network's
+        # gradients share one 25 MB bucket's storage), and no graph search for unused parameters.
+        assert all(ddp == dict(gradient_as_bucket_view=True, find_unused_parameters=False) for ddp in probe['ddp'].values()), probe['ddp']
+        assert [step['net'] for step in probe['steps']] == ['generator', 'fake_score', 'head', 'fake_score', 'head']    # tau 5: G, C, C
+        for step in probe['steps']:
+            assert step['grads'] == step['views'] == step['trainable'] > 1 and step['storages'] == 1, step
+    # Same gradients as one process with one round (Adam moments at --lr 0, see adam_moments).
+    assert_same_gradients(load(frozen_rkl, 3), load(tmp_path, 3))
+    # Rank 0 alone builds the grid, in chunks of --batch-gpu; rank 1 never calls the generator for it.
+    assert probes[0]['grid_calls'] == [[it, 2] for it in (0, 3) for _ in range(4)] and probes[1]['grid_calls'] == []
+    # The grid is today's: the one-process run's (one chunk of 8). Chunks of 2 sum the convolutions in another
+    # order; a float32 difference of a few ulps moves a pixel by at most one level where it rounds at .5, while a
+    # wrong latent, label or weight moves most pixels by many levels.
+    for it in (0, 3):
+        a, b = read_png(frozen_rkl / f'grid-{it:07d}.png'), read_png(tmp_path / f'grid-{it:07d}.png')
+        assert a.shape == b.shape == (3 * 8, 3 * 8, 3)                 # 8 images of 8x8 in 3 rows of 3
+        assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 0.01
 
 @pytest.mark.parametrize('case', ['unknown_f', 'missing_teacher', 'truncated_teacher', 'missing_data', 'resolution_mismatch'])
 def test_bad_input_fails_before_training(files, tmp_path, case):
@@ -343,3 +380,81 @@ def test_plot_draws_the_logged_values(straight, tmp_path):
     with pytest.raises(SystemExit, match='--ckpt .*none not found') as error:
         evaluate.main(['plot', '--ckpt', str(tmp_path / 'none')])
     assert '\n' not in str(error.value)
+
+def test_ema_update_is_one_foreach_lerp_equal_to_the_per_parameter_loop(monkeypatch):
+    # On the CPU torch._foreach_lerp_ runs the same lerp_ kernel on each tensor in turn, so the update equals the
+    # per-parameter loop bit for bit, through EDM's ramp-up (it 0 copies) and a long half-life, on two architectures.
+    import copy
+    import types
+    import training_loop
+    calls, foreach_lerp = [], torch._foreach_lerp_
+    monkeypatch.setattr(torch, '_foreach_lerp_', lambda *args: calls.append(len(args[0])) or foreach_lerp(*args))
+    for net in (fixtures.tiny_songunet(), edm_nets.EDMPrecond(img_resolution=8, img_channels=3, label_dim=10, model_type='DhariwalUNet',
+                                                                   model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])):
+        generator = net.requires_grad_(True)
+        ema = copy.deepcopy(generator).requires_grad_(False)
+        expect = [p.detach().clone() for p in ema.parameters()]
+        opts = types.SimpleNamespace(batch=8, tau=5, ema_halflife_kimg=0.5, ema_rampup=0.05)
+        s = types.SimpleNamespace(ema=ema, generator=generator, opts=opts)
+        g = torch.Generator().manual_seed(1)
+        for it in (0, 5, 10, 1000, 10 ** 6):
+            with torch.no_grad():
+                for p in generator.parameters():
+                    p.add_(torch.randn(p.shape, generator=g))
+            beta = training_loop.ema_beta(opts.batch, (it // opts.tau) * opts.batch, opts.ema_halflife_kimg, opts.ema_rampup)
+            for e, p in zip(expect, generator.parameters()):
+                e.lerp_(p.detach(), 1 - beta)
+            training_loop.update_ema(s, it)
+            assert all(torch.equal(a, b) for a, b in zip(expect, ema.parameters()))
+        assert calls[-5:] == [len(expect)] * 5          # one call per update, over every parameter
+
+def test_bf16_on_cpu_runs_convolutions_in_bf16_and_keeps_losses_ratios_and_states_fp32(files, tmp_path, monkeypatch):
+    # Three iterations (a generator step, two critic steps with exact R1) with --precision bf16 and --lr > 0 on the
+    # CPU: CPU autocast runs conv2d in bf16 as CUDA's does; every loss, r and its normalisation, and every
+    # weight and optimiser state must stay fp32 (the running per-bin means fp64).
+    import fdistill
+    import training_loop
+    opts, task = in_process_task(files, tmp_path, '--iterations', '3', '--precision', 'bf16', '--lr', '1e-3', '--ratio-ema', '0.5', '--num-bins', '1', '--batch', '4', '--workers', '0')
+    owners = {id(m): name for name, net in (('generator', task.generator), ('fake_score', task.fake_score), ('head', task.head)) for m in net.modules()}
+    convs = {}
+    def conv_hook(module, args, out):
+        if isinstance(module, (edm_nets.Conv2d, torch.nn.Conv2d)):
+            convs.setdefault(owners.get(id(module), 'teacher'), set()).add(out.dtype)
+    dtypes = {}
+    def record(name, f):
+        def wrapped(*args, **kwargs):
+            out = f(*args, **kwargs)
+            dtypes.setdefault(name, set()).add((out[0] if isinstance(out, tuple) else out).dtype)
+            return out
+        monkeypatch.setattr(fdistill, name, wrapped)
+    for name in ('ratio', 'normalize_ratio', 'normalize_weight', 'generator_loss', 'critic_loss', 'fake_score_loss', 'r1_penalty'):
+        record(name, getattr(fdistill, name))
+    handle = torch.nn.modules.module.register_module_forward_hook(conv_hook)
+    try:
+        training_loop.training_loop(opts, task, 0, 1, torch.device('cpu'))
+    finally:
+        handle.remove()
+    assert convs == dict(generator={torch.bfloat16}, fake_score={torch.bfloat16}, teacher={torch.bfloat16}, head={torch.float32})
+    assert dtypes == {name: {torch.float32} for name in dtypes} and len(dtypes) == 7, dtypes
+    first, last = load(tmp_path, 1), load(tmp_path, 3)
+    for key in ('generator', 'generator_ema', 'fake_score', 'head'):
+        assert {v.dtype for v in last[key].values()} == {torch.float32}, key
+    assert {v.dtype for opt in ('opt_g', 'opt_c') for state in last[opt]['state'].values() for k, v in state.items() if k != 'step'} == {torch.float32}
+    assert last['ratio_means'].dtype == torch.float64 and len(last['ratio_means']) == 1
+    assert changed(first['fake_score'], last['fake_score']) and changed(first['head'], last['head'])     # it trained
+    stats = [json.loads(line) for line in open(tmp_path / 'stats.jsonl')]
+    assert all(math.isfinite(v) for s in stats for v in s.values())
+
+def test_tf32_on_cpu_says_it_means_fp32(monkeypatch, capsys):
+    import flags
+    import train_cifar
+    import train_edm
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    opts = flags.parse_args('test', train_cifar.PRESET, train_edm.add_edm_args, ['--precision', 'tf32'])
+    assert opts.precision == 'tf32'                     # the recipe a resume on a GPU compares
+    assert [line.split(': ', 1)[1] for line in capsys.readouterr().err.splitlines()] == ['--precision tf32 on a CPU means fp32 (TF32 is a CUDA tensor-core format)']
+    flags.parse_args('test', train_cifar.PRESET, train_edm.add_edm_args, ['--precision', 'bf16'])
+    assert capsys.readouterr().err == ''
+    with pytest.raises(SystemExit):
+        flags.parse_args('test', train_cifar.PRESET, train_edm.add_edm_args, ['--help'])
+    assert 'on a CPU, fp32' in ' '.join(capsys.readouterr().out.split())
