@@ -348,7 +348,7 @@ def critic_optimizer(fake_score, head, o):
 
 # Alg. 1 lines 14-15 for every run at once: fdistill.critic_loss over the interleaved batch is the mean of
 # the runs' own losses, so R times it gives each run the gradient of its own loss.
-def critic_step(G, teacher, fake_score, head, opt, mixture, sigma_data, levels, o):
+def critic_step(G, teacher, fake_score, head, opt, mixture, sigma_data, levels, *, o):
     n = o['batch'] * G.num_runs
     with torch.no_grad():
         y = G(torch.randn(n, 2))
@@ -367,7 +367,7 @@ def critic_step(G, teacher, fake_score, head, opt, mixture, sigma_data, levels, 
 # 'eps' is w_t = 1/sigma: h * (eps_teacher - eps_fake), the epsilon-prediction difference of SDS/VSD
 # with a uniform weight over the levels. Its step from the blurred levels decays as radius/sigma, and
 # at small sigma it stays bounded, as the fake score's error in D is O(sigma) there (EDM's c_out).
-def generator_loss(y, sigma, noise, teacher, fake_score, head, div, edges, o):
+def generator_loss(y, sigma, noise, teacher, fake_score, head, div, edges, *, o):
     w = None if o['weighting'] == 'dmd' else 1 / sigma                     # DMD's normaliser, or 1/sigma
     return fdistill.generator_loss(y=y, draws=fdistill.GeneratorNoise(sigma, noise), teacher=teacher, fake_score=fake_score, head=head,
                                    div=div, ratio_norm=fdistill.RatioNorm(o['r_min'], o['r_max'], edges), w_gan=o['w_gan'], w=w)
@@ -389,7 +389,7 @@ def pretrain(o, seeds):
         opt.step()
     opt = critic_optimizer(fake_score, head, o)
     for _ in range(o['pretrain_critic']):
-        critic_step(G, teacher, fake_score, head, opt, mixture, sigma_data, levels, o)
+        critic_step(G, teacher, fake_score, head, opt, mixture, sigma_data, levels, o=o)
     return [dict(G=G.member_state(i), fake_score=fake_score.member_state(i), head=head.member_state(i)) for i in range(len(seeds))]
 
 def networks(o, sigma_data, channels, seed):     # one run's generator, fake score and head, initialised from seed
@@ -425,7 +425,7 @@ def distill(o, starts, progress=print):
         if it % o['tau'] == 0:                                              # Alg. 1 line 5
             y = G(torch.randn(R * B, 2))                                    # Alg. 1 line 4
             sigma, noise = fdistill.sample_sigma(levels, R * B), torch.randn(R * B, 2)
-            losses = [generator_loss(y_r, sigma_r, noise_r, teacher, fake_score.member(r), head.member(r), divs[r], edges, o)
+            losses = [generator_loss(y_r, sigma_r, noise_r, teacher, fake_score.member(r), head.member(r), divs[r], edges, o=o)
                       for r, (y_r, sigma_r, noise_r) in enumerate(zip(runs_of(y, R), runs_of(sigma, R), runs_of(noise, R)))]
             opt_g.zero_grad(set_to_none=True)
             sum(loss for loss, _ in losses).backward()
@@ -440,7 +440,7 @@ def distill(o, starts, progress=print):
                 progress(f"{o['setting']}: step {step}/{o['steps']}, JS modes {np.mean([m['modes_covered'] for m in js]):.1f}, "
                          f"TV {np.mean([m['tv'] for m in js]):.3f}, off-mode {np.mean([m['off_mode'] for m in js]):.3f}")
         else:
-            critic_step(G, teacher, fake_score, head, opt_critic, mixture, sigma_data, levels, o)
+            critic_step(G, teacher, fake_score, head, opt_critic, mixture, sigma_data, levels, o=o)
     final, samples = snapshot(G, mixture, o['eval_samples'])
     for r, m in enumerate(final):
         m.update(weight_variance=float(nvar[r]) / o['steps'], r_clipped=float(clipped[r]) / o['steps'],

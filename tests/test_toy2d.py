@@ -137,7 +137,7 @@ def test_generator_loss_weighting(one_thread):
     y = torch.randn(64, 2, dtype=torch.float64, requires_grad=True)
     sigma, noise = fdistill.sample_sigma(levels, 64).double(), torch.randn(64, 2, dtype=torch.float64)
     o = dict(weighting='eps', w_gan=0.0, r_min=1e-3, r_max=1e3)
-    loss, stats = toy2d.generator_loss(y, sigma, noise, teacher, fake_score, head, div, edges, o)
+    loss, stats = toy2d.generator_loss(y, sigma, noise, teacher, fake_score, head, div, edges, o=o)
     grad, = torch.autograd.grad(loss, y)
     with torch.no_grad():
         x_t = y + sigma[:, None] * noise
@@ -150,7 +150,7 @@ def test_generator_loss_weighting(one_thread):
     torch.testing.assert_close(grad, expected.to(grad.dtype), rtol=1e-5, atol=atol)
     for w_gan in [0.0, 1e-3]:
         o = dict(weighting='dmd', w_gan=w_gan, r_min=1e-3, r_max=1e3)
-        ours, _ = toy2d.generator_loss(y, sigma, noise, teacher, fake_score, head, div, edges, o)
+        ours, _ = toy2d.generator_loss(y, sigma, noise, teacher, fake_score, head, div, edges, o=o)
         theirs, _ = fdistill.generator_loss(y=y, draws=fdistill.GeneratorNoise(sigma, noise), teacher=teacher, fake_score=fake_score, head=head,
                                             div=div, ratio_norm=fdistill.RatioNorm(1e-3, 1e3, edges), w_gan=w_gan)
         assert ours.item() == theirs.item()
