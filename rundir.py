@@ -276,7 +276,7 @@ def check_same_run(opts, path, state, split):
         raise ValueError(f'--resume: {path} was trained on {state["world_size"]} processes x --batch-gpu {state["batch_gpu"]}, this run is '
                          f'{split[0]} x {split[1]}: run it on {state["world_size"]} processes with --batch-gpu {state["batch_gpu"]} {fix}')
     old, new = state['options'].get('teacher_sha256'), getattr(opts, 'teacher_sha256', None)
-    if old is not None and old != new:
+    if None not in (old, new) and old != new:       # None: no teacher file (the task reports it), or a run before digests
         flag = next(k for k in TEACHER_FLAGS if state['options'].get(k))
         raise ValueError(f'--resume: {path} was trained with --{flag} {state["options"][flag]} (SHA-256 {old[:12]}...), and --{flag} '
                          f'{getattr(opts, flag)} holds other bytes: pass the teacher it was trained with {fix}')

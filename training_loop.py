@@ -422,11 +422,12 @@ def check_networks(path, state, s, key):
     nets = [(key, s.generator)] + ([('fake_score', s.fake_score), ('head', s.head)] if 'fake_score' in state else [])
     for name, net in nets:
         own, theirs = unwrap_net(net).state_dict(), state[name]
-        diff = next((f'{k} is missing' for k in own if k not in theirs), None) or next((f'{k} is not in this network' for k in theirs if k not in own), None) \
-            or next((f'{k} has shape {list(theirs[k].shape)}, this run {list(own[k].shape)}' for k in own if theirs[k].shape != own[k].shape), None)
-        if diff is not None:
-            raise ValueError(f'{path} holds another architecture or resolution than this run (its {name}: {diff}); '
-                             'pass a checkpoint of the same --teacher and --resolution')
+        for k in list(own) + [k for k in theirs if k not in own]:
+            diff = (f'{k} is missing' if k not in theirs else f'{k} is not in this run\'s network' if k not in own else
+                    f'{k} has shape {list(theirs[k].shape)}, this run\'s {list(own[k].shape)}' if theirs[k].shape != own[k].shape else None)
+            if diff is not None:
+                raise ValueError(f'{path} holds another architecture or resolution than this run (its {name}: {diff}); '
+                                 'pass a checkpoint of the same --teacher and --resolution')
 
 # The running stage-1 bin means (--ratio-ema) are saved as means and a mask of the bins seen so far: a bin not yet
 # reached has no mean, which the NaN of fdistill.normalize_ratio says in memory, and a checkpoint never holds a NaN.

@@ -162,7 +162,8 @@ def test_ratio_ema_checkpoints_and_resumes_bitwise(files, tmp_path):
     seen = first['ratio_seen']
     assert seen.dtype == torch.bool and 0 < int(seen.sum()) <= 8 and torch.isfinite(first['ratio_means']).all()
     assert (first['ratio_means'][~seen] == 0).all() and (first['ratio_means'][seen] > 0).all()
-    train_here(files, tmp_path / 'resumed', '--iterations', '6', *flags_)       # generator steps 0 and 5
+    (tmp_path / 'resumed').mkdir()                                          # from iteration 3: critic steps, then the generator step 5
+    (tmp_path / 'resumed' / 'checkpoint-0000003.pt').write_bytes((tmp_path / 'straight' / 'checkpoint-0000003.pt').read_bytes())
     train_here(files, tmp_path / 'resumed', '--iterations', '7', '--resume', *flags_)
     a, b = load(tmp_path / 'straight' / 'checkpoint-0000007.pt'), load(tmp_path / 'resumed' / 'checkpoint-0000007.pt')
     for key in ('generator', 'generator_ema', 'fake_score', 'head'):
