@@ -188,7 +188,8 @@ def save_checkpoint(path, state):
     atomic_write(path, lambda f: torch.save(state, f))
 
 # mmap=True maps the file instead of reading it: processes on one machine share its pages (the page cache),
-# so a resume on 8 ranks holds one copy of the checkpoint in host memory, not eight.
+# so a resume on 8 ranks holds one copy of the checkpoint in host memory, not eight. The mapping is private:
+# in-place updates of loaded tensors (Adam's moments on a CPU) copy their pages and never reach the file.
 def load_checkpoint(path, mmap=False):
     if not os.path.isfile(path):
         raise FileNotFoundError(f'Checkpoint not found: {path}')

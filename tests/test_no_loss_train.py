@@ -57,6 +57,7 @@ def train(files, outdir, *args, nproc=1, check=True):
 # The same run in this process (faster: no interpreter start-up), through the scripts' own main and user_errors.
 def train_here(files, outdir, *args):
     torch.manual_seed(0)
+    torch.set_num_threads(1)                        # as the subprocess runs (OMP_NUM_THREADS=1): the shared CI cores are not oversubscribed
     train_edm.main('test', train_cifar.PRESET, common(files, outdir) + list(args))
 
 def one_line_error(call):
@@ -170,6 +171,7 @@ def test_ratio_ema_checkpoints_and_resumes_bitwise(files, tmp_path):
         assert_equal(a[key], b[key])
     assert torch.equal(a['ratio_means'], b['ratio_means']) and torch.equal(a['ratio_seen'], b['ratio_seen'])
     assert int(a['ratio_seen'].sum()) > int(seen.sum())         # the second generator step reached more bins
+    rundir.load_checkpoint(str(tmp_path / 'resumed' / 'checkpoint-0000003.pt'))     # memory-mapped and trained on, the file is unchanged
 
 #----------------------------------------------------------------------------
 # Resumes that could not be exact, and checkpoints that do not fit, are refused in one line before training.
