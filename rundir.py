@@ -19,10 +19,12 @@ import PIL.Image
 import torch
 
 #----------------------------------------------------------------------------
-# One run per directory. The run claims --outdir before it writes anything: an exclusive flock on <outdir>/run.lock,
-# held for the life of the process. The kernel drops the lock when the process ends, kill -9 included, so a stale
-# claim never blocks --resume, and no pid is read back that could have been reused (an O_EXCL file would need both).
-# The lock file itself stays: deleting it would let a third run lock a new file while the second holds the old one.
+# One run per directory. The run claims --outdir before it writes anything: an exclusive POSIX lock (fcntl.lockf)
+# on <outdir>/run.lock, held for the life of the process. The kernel drops it when the process ends, kill -9
+# included, so a stale claim never blocks --resume, and no pid is read back that could have been reused (an O_EXCL
+# file would need both). Not flock: its lock is shared with forked children, and DataLoader workers outlive a
+# killed run by seconds. The lock file stays: deleting it would let a third run lock a new file while the second
+# holds the old one.
 
 LOCK_FILE = 'run.lock'
 _claims = {}                                    # outdir -> open lock file of this process
@@ -37,8 +39,10 @@ def claim(outdir):
     except OSError as err:                      # a read-only folder, an existing file, a name too long, ...
         raise ValueError(f'--outdir {outdir}: cannot write there ({err.strerror}); pass a writable folder with a shorter path') from None
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
         f.seek(0)
         holder = f.read().strip()
         f.close()
