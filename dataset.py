@@ -2,7 +2,9 @@
 dataset_tool.py, with optional class labels in dataset.json ({"labels": [[filename, label], ...]})."""
 
 import json
+import numbers
 import os
+import warnings
 import zipfile
 
 import numpy as np
@@ -10,6 +12,22 @@ import PIL.Image
 import torch
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
+
+#----------------------------------------------------------------------------
+
+# PIL.Image.open reads the header only. An image claiming more than PIL's MAX_IMAGE_PIXELS (89 M) is refused
+# before it is decoded (PIL only warns up to twice that), in one line naming it.
+def open_image(f, name):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('error', PIL.Image.DecompressionBombWarning)
+            return PIL.Image.open(f)
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning):
+        raise ValueError(f'{name}: its header claims more than {PIL.Image.MAX_IMAGE_PIXELS} pixels (a decompression bomb?); replace or remove that image') from None
+
+# A class label is a whole number >= 0 (JSON's 1.0 counts; True, -1, 1.5 and "1" do not).
+def is_class_index(label):
+    return isinstance(label, numbers.Real) and not isinstance(label, bool) and label >= 0 and float(label).is_integer()
 
 #----------------------------------------------------------------------------
 
@@ -63,13 +81,21 @@ class ImageDataset:
         missing = [f for f in self.files if f not in labels]
         if missing:
             raise ValueError(f'Dataset {self.path}: dataset.json has no label for {missing[0]} ({len(missing)} images unlabelled)')
+        bad = next((f for f in self.files if not is_class_index(labels[f])), None)
+        if bad is not None:
+            raise ValueError(f'Dataset {self.path}: dataset.json labels {bad} with {labels[bad]!r}; labels are class indices 0, 1, 2, ...')
         return np.array([labels[f] for f in self.files], dtype=np.int64)
 
-    # One image as uint8 HWC; a damaged file is named.
+    # One image as uint8 HWC; a damaged file is named, and so is one whose header claims another size than the
+    # first image's (read before decoding: a crafted header can claim gigapixels).
     def image(self, i):
+        name = f'Dataset {self.path}: {self.files[i]}'
         try:
             with self._open(self.files[i]) as f:
-                image = np.array(PIL.Image.open(f))
+                image = open_image(f, name)
+                if hasattr(self, 'resolution') and image.size != (self.resolution, self.resolution):
+                    raise ValueError(f'{name} claims {image.width}x{image.height} pixels, the dataset\'s images are {self.resolution}x{self.resolution}; replace or remove that image')
+                image = np.array(image)
         except (OSError, SyntaxError, zipfile.BadZipFile) as err:
             raise ValueError(f'Dataset {self.path}: cannot read {self.files[i]} ({err}); replace or remove that image') from None
         return image[:, :, np.newaxis] if image.ndim == 2 else image

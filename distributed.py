@@ -38,6 +38,26 @@ def close_distributed():
         dist.barrier()
         dist.destroy_process_group()
 
+# fn() on rank 0 only; the user error it raises is raised on every rank, so all stop together.
+def on_rank0(fn):
+    error = None
+    if get_rank() == 0:
+        try:
+            fn()
+        except (ValueError, OSError) as err:
+            error = err
+    error = broadcast(error)
+    if error is not None:
+        raise error
+
+# A picklable value of rank 0 on every rank.
+def broadcast(value):
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
 def get_rank():
     return dist.get_rank() if dist.is_initialized() else 0
 

@@ -56,6 +56,7 @@ def parse_args(description, preset, add_task_args=None, argv=None):
     p.add_argument('--grid',            default=64,                 type=positive_int, help='Images in each sample grid (fixed seeds)')
     p.add_argument('--resume',          default=None, nargs='?', const='latest', help='Continue a run with the same flags: a checkpoint file, or the latest intact one in --outdir')
     p.add_argument('--init-from',       default=None,               help='Warm start generator, fake score and head from another run\'s checkpoint (a snapshot: the generator only)')
+    p.add_argument('--init-from-weights', default='ema', choices=('ema', 'raw'), help='The generator --init-from takes: its EMA when the file has one (what evaluate.py scores), or its raw weights')
     p.add_argument('--precision',       default=None, choices=PRECISIONS, help=f'Network passes in fp32, tf32 (TF32 matmuls on CUDA; on a CPU, fp32) or bf16 (autocast + TF32); weights, optimiser state, losses, r stay fp32 (default: {preset.get("precision", "fp32")} on CUDA, fp32 on CPU)')
     p.add_argument('--grad-clip',       default=10.0,               type=non_negative_float, help='Clip each network\'s gradient norm (generator, fake score, head) to this; 0 = off (DMD2, FastGen: 10)')
     p.add_argument('--workers',         default=2,                  type=non_negative_int, help='DataLoader processes per GPU reading real samples ahead of the loop; 0 = in the loop')
@@ -74,6 +75,8 @@ def parse_args(description, preset, add_task_args=None, argv=None):
     opts.lr_head = opts.lr if opts.lr_head is None else opts.lr_head
     if opts.lr2 is not None and opts.lr_head != opts.lr and opts.lr <= 0:
         p.error('--lr-head with --lr2 needs --lr > 0: the head keeps the ratio lr_head / lr after --lr2-at')
+    if not opts.ratio_ema < 1:
+        p.error(f'--ratio-ema {opts.ratio_ema}: the decay must lie in [0, 1) (1 would never update the bin means)')
     if opts.tau < 2:
         p.error('--tau must be at least 2: iterations with it % tau != 0 train the critic')
     if opts.benchmark < 0:
@@ -97,6 +100,12 @@ def non_negative_int(text):
         raise argparse.ArgumentTypeError(f'must be an integer >= 0, got {text}')
     return value
 
+def positive_float(text):
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f'must be a finite number > 0, got {text}')
+    return value
+
 def non_negative_float(text):
     value = float(text)
     if not 0 <= value < math.inf:
@@ -105,12 +114,12 @@ def non_negative_float(text):
 
 #----------------------------------------------------------------------------
 # User errors end as one line. Our code raises ValueError, FileNotFoundError or FileExistsError (a bad flag or
-# file) and FloatingPointError (a diverged run) with a message naming the flag or file and the fix; an entry
+# file), OSError (a full disk) and FloatingPointError (a diverged run) with a message naming the flag or file and the fix; an entry
 # point runs inside user_errors(), which prints `prog: error: message` once (rank 0) and exits with status 2,
 # as argparse does. The same exception types raised inside a library are bugs and keep their traceback.
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 class UserExit(SystemExit):
     def __init__(self, message):

@@ -4,15 +4,53 @@ training_loop.py writes through Run; evaluate.py reads checkpoints through load_
 --resume or --init-from is possible (the recipe unchanged, a checkpoint intact) run before any network is built.
 """
 
+import errno
+import fcntl
 import glob
+import hashlib
 import json
 import os
 import re
 import zlib
+from typing import NamedTuple, Optional
 
 import numpy as np
 import PIL.Image
 import torch
+
+#----------------------------------------------------------------------------
+# One run per directory. The run claims --outdir before it writes anything: an exclusive POSIX lock (fcntl.lockf)
+# on <outdir>/run.lock, held for the life of the process. The kernel drops it when the process ends, kill -9
+# included, so a stale claim never blocks --resume, and no pid is read back that could have been reused (an O_EXCL
+# file would need both). Not flock: its lock is shared with forked children, and DataLoader workers outlive a
+# killed run by seconds. The lock file stays: deleting it would let a third run lock a new file while the second
+# holds the old one.
+
+LOCK_FILE = 'run.lock'
+_claims = {}                                    # outdir -> open lock file of this process
+
+def claim(outdir):
+    path = os.path.join(outdir, LOCK_FILE)
+    if os.path.realpath(outdir) in _claims:
+        return
+    try:
+        os.makedirs(outdir, exist_ok=True)
+        f = open(path, 'a+')
+    except OSError as err:                      # a read-only folder, an existing file, a name too long, ...
+        raise ValueError(f'--outdir {outdir}: cannot write there ({err.strerror}); pass a writable folder with a shorter path') from None
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise FileExistsError(f'{outdir} is in use by another run ({holder or "a running process"} holds {path}); wait for it to end, or pass another --outdir') from None
+    f.truncate(0)
+    f.write(f'pid {os.getpid()} on {os.uname().nodename}\n')
+    f.flush()
+    _claims[os.path.realpath(outdir)] = f
 
 #----------------------------------------------------------------------------
 # Run directory: options, log, stats, grids, atomic checkpoints.
@@ -70,13 +108,21 @@ class Run:
 
     # Full checkpoints (prefix 'checkpoint', the last `keep` kept) and generator snapshots ('snapshot', all kept).
     # Every rank checks, so all stop together; rank 0 writes.
+    # A full disk (or any failed write) ends in one line naming the folder; the partial file goes, earlier files stay.
     def save_checkpoint(self, state, keep, prefix='checkpoint'):
         bad = non_finite(state)
         if bad is not None:
             raise FloatingPointError(f'{bad} is not finite at iteration {state["iteration"]}')
         if self.rank != 0:
             return
-        save_checkpoint(os.path.join(self.outdir, f'{prefix}-{state["iteration"]:07d}.pt'), state)
+        path = os.path.join(self.outdir, f'{prefix}-{state["iteration"]:07d}.pt')
+        try:
+            save_checkpoint(path, state)
+        except OSError as err:
+            if os.path.exists(f'{path}.tmp{os.getpid()}'):
+                os.remove(f'{path}.tmp{os.getpid()}')
+            why = 'the disk is full' if err.errno in (errno.ENOSPC, errno.EDQUOT) else err.strerror or type(err).__name__
+            raise OSError(f'Cannot write {path}: {why} in {os.path.abspath(self.outdir)}; the earlier checkpoints there are intact: free space, then --resume') from None
         for old in self.checkpoints()[:-keep] if prefix == 'checkpoint' else []:
             os.remove(old)
 
@@ -150,6 +196,9 @@ def save_checkpoint(path, state):
     state = dict(state, checksum=state_checksum(state))
     atomic_write(path, lambda f: torch.save(state, f))
 
+# mmap=True maps the file instead of reading it: processes on one machine share its pages (the page cache),
+# so a resume on 8 ranks holds one copy of the checkpoint in host memory, not eight. The mapping is private:
+# in-place updates of loaded tensors (Adam's moments on a CPU) copy their pages and never reach the file.
 def load_checkpoint(path, mmap=False):
     if not os.path.isfile(path):
         raise FileNotFoundError(f'Checkpoint not found: {path}')
@@ -169,28 +218,38 @@ def load_checkpoint(path, mmap=False):
     return state
 
 #----------------------------------------------------------------------------
-# Where a run starts, checked before any network is built: (checkpoint, its state) to resume or warm start from,
-# or (None, None). Nothing in --outdir is overwritten by a new run.
-def start_state(opts, run):
+# Where a run starts, checked before any network is built: Start(checkpoint, its state, 'resume' or 'init'), or
+# Start(None, None, None). Nothing in --outdir is overwritten by a new run. `split` is (processes, --batch-gpu)
+# of this run. Checkpoints are memory-mapped (load_checkpoint).
+
+class Start(NamedTuple):
+    path:   Optional[str]                   # The checkpoint or snapshot read, if any.
+    state:  Optional[dict]                  # What it holds.
+    kind:   Optional[str]                   # 'resume' (exactly), 'init' (--init-from: networks only), None.
+
+def start_state(opts, run, split):
     if opts.benchmark:
-        return None, None
+        return Start(None, None, None)
     if run.holds_run() and not opts.resume:
         raise FileExistsError(f'{opts.outdir} already holds a run: pass --resume to continue it, or a new --outdir')
     if opts.resume:
-        return resume_checkpoint(opts, run)
+        path, state = resume_checkpoint(opts, run, split)
+        if state is not None:
+            return Start(path, state, 'resume')
+        started_as(opts, run)               # killed before its first checkpoint: it starts over as it began
     if opts.init_from:
-        return opts.init_from, load_checkpoint(opts.init_from)
-    return None, None
+        return Start(opts.init_from, load_checkpoint(opts.init_from, mmap=True), 'init')
+    return Start(None, None, None)
 
-# The checkpoint --resume continues from: a named file must be intact; the latest in --outdir that is intact,
-# each damaged newer one reported in the log; (None, None) for a run killed before its first checkpoint.
 # Exact resume needs the recipe the checkpoint was trained with.
 RECIPE = ('f', 'seed', 'batch', 'tau', 'w_gan', 'lr', 'lr_head', 'lr2', 'lr2_at', 'wd', 'r1_gamma', 'r1_approx', 'r_min', 'r_max', 'num_bins',
           'ratio_ema', 'disc_res', 'ema_halflife_kimg', 'ema_rampup', 'grad_clip', 'precision', 'sigma_init', 'reg_weight', 'cfg', 'resolution')
 
-def resume_checkpoint(opts, run):
+# The checkpoint --resume continues from: a named file must be intact; the latest in --outdir that is intact,
+# each damaged newer one reported in the log; (None, None) for a run killed before its first checkpoint.
+def resume_checkpoint(opts, run, split):
     if opts.resume != 'latest':
-        path, state = opts.resume, load_checkpoint(opts.resume)
+        path, state = opts.resume, load_checkpoint(opts.resume, mmap=True)
     else:
         found = run.checkpoints()
         if not found and not run.holds_run():
@@ -198,7 +257,7 @@ def resume_checkpoint(opts, run):
         path = state = None
         for candidate in reversed(found):
             try:
-                path, state = candidate, load_checkpoint(candidate)
+                path, state = candidate, load_checkpoint(candidate, mmap=True)
                 break
             except ValueError as err:
                 run.log(f'Cannot resume from {candidate}: {err}; trying the one before')
@@ -206,11 +265,56 @@ def resume_checkpoint(opts, run):
             raise ValueError(f'--resume: none of the {len(found)} checkpoints in {opts.outdir} is intact; pass --resume FILE or start a new --outdir')
     if state is None:
         return None, None
-    changed = [k for k in RECIPE if k in state['options'] and getattr(opts, k, None) != state['options'][k]]
-    if changed:
-        flags = ' '.join(f'--{k.replace("_", "-")} {state["options"][k] if not isinstance(state["options"][k], list) else ",".join(map(str, state["options"][k]))}' for k in changed)
-        raise ValueError(f'--resume: {path} was trained with {flags}; pass the same flags to continue it exactly, or --init-from it in a new --outdir')
+    if 'opt_g' not in state:
+        raise ValueError(f'--resume {path} is a snapshot (the generator only, no critic or optimiser state): pass a checkpoint-*.pt, or --init-from it in a new --outdir')
+    check_same_run(opts, path, state, split)
     if state['iteration'] >= opts.iterations:
         raise ValueError(f'--resume: {path} is at iteration {state["iteration"]}, and --iterations is {opts.iterations}: pass a larger --iterations to train on')
     return path, state
 
+# What makes a resume inexact is refused with the flags that make it exact: the recipe; the split of each step
+# over processes and accumulation rounds (the stage-1/2 normalisations are per round, and the gradients are
+# summed in another order); the teacher's bytes (its SHA-256: a copied teacher keeps it, a retrained one with
+# the same name and size does not).
+def check_same_run(opts, path, state, split):
+    fix = 'to continue it exactly, or --init-from it in a new --outdir'
+    changed = [k for k in RECIPE if k in state['options'] and getattr(opts, k, None) != state['options'][k]]
+    if changed:
+        flags = ' '.join(f'--{k.replace("_", "-")} {state["options"][k] if not isinstance(state["options"][k], list) else ",".join(map(str, state["options"][k]))}' for k in changed)
+        raise ValueError(f'--resume: {path} was trained with {flags}; pass the same flags {fix}')
+    if state.get('world_size') is not None and (state['world_size'], state['batch_gpu']) != tuple(split):
+        raise ValueError(f'--resume: {path} was trained on {state["world_size"]} processes x --batch-gpu {state["batch_gpu"]}, this run is '
+                         f'{split[0]} x {split[1]}: run it on {state["world_size"]} processes with --batch-gpu {state["batch_gpu"]} {fix}')
+    old, new = state['options'].get('teacher_sha256'), getattr(opts, 'teacher_sha256', None)
+    if None not in (old, new) and old != new:       # None: no teacher file (the task reports it), or a run before digests
+        flag = next(k for k in TEACHER_FLAGS if state['options'].get(k))
+        raise ValueError(f'--resume: {path} was trained with --{flag} {state["options"][flag]} (SHA-256 {old[:12]}...), and --{flag} '
+                         f'{getattr(opts, flag)} holds other bytes: pass the teacher it was trained with {fix}')
+
+# A resume of a warm start killed before its first checkpoint starts over from the same --init-from.
+def started_as(opts, run):
+    path = os.path.join(opts.outdir, 'training_options.json')
+    try:
+        started = json.load(open(path))
+    except (OSError, ValueError):
+        return                              # killed before it wrote its options: nothing to match
+    for key in ('init_from', 'init_from_weights'):
+        if key in started and started[key] != getattr(opts, key, None):
+            flag = f'--{key.replace("_", "-")}'
+            fix = f'pass {flag} {started[key]}' if started[key] else f'drop {flag}'
+            raise ValueError(f'--resume: the run in {opts.outdir} began with {flag} {started[key]} and has no checkpoint yet; {fix} to start it over as it began')
+
+# The teacher's identity: SHA-256 of its file (EDM pickle) or of every file in its folder (SD), path names included.
+TEACHER_FLAGS = ('teacher', 'sd')
+
+def teacher_digest(opts):
+    root = next((getattr(opts, k) for k in TEACHER_FLAGS if getattr(opts, k, None)), None)
+    if root is None or not os.path.exists(root):
+        return None                         # the task reports a missing teacher
+    files = [root] if os.path.isfile(root) else sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names)
+    digest = hashlib.sha256()
+    for name in files:
+        digest.update(os.path.relpath(name, root).encode())
+        with open(name, 'rb') as f:
+            digest.update(hashlib.file_digest(f, 'sha256').digest())
+    return digest.hexdigest()

@@ -27,7 +27,7 @@ import training_loop
 def add_edm_args(p):
     p.add_argument('--teacher',         default=None,               help='EDM teacher pickle, e.g. edm-imagenet-64x64-cond-adm.pkl')
     p.add_argument('--data',            default=None,               help='Real images for the GAN: zip or folder from EDM\'s dataset_tool.py')
-    p.add_argument('--sigma-init',      default=80.0, type=flags.non_negative_float, help='Generator G(z) = D(sigma_init * z, sigma_init)')
+    p.add_argument('--sigma-init',      default=80.0, type=flags.positive_float, help='Generator G(z) = D(sigma_init * z, sigma_init)')
     p.add_argument('--random-teacher',  action='store_true',        help='Benchmark only: the preset architecture with random weights, synthetic data')
     p.add_argument('--reg-weight',      default=0.0, type=flags.non_negative_float, help='Weight of DMD\'s LPIPS regression to teacher ODE pairs; 0 = off (paper setting)')
     p.add_argument('--reg-pairs',       default=10000, type=flags.positive_int, help='Number of (z, teacher ODE sample) pairs, generated once and cached')

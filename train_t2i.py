@@ -20,6 +20,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+import dataset
 import distributed
 import fdistill
 import flags
@@ -82,7 +83,8 @@ def read_pairs(path):
     return pairs
 
 def load_image(path, resolution):
-    image = PIL.Image.open(path).convert('RGB')
+    with open(path, 'rb') as f:
+        image = dataset.open_image(f, f'--data image {path}').convert('RGB')
     scale = resolution / min(image.size)                          # Resize the short side, centre crop.
     image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))), PIL.Image.BICUBIC)
     left, top = (image.width - resolution) // 2, (image.height - resolution) // 2

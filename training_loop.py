@@ -295,9 +295,9 @@ def snapshot(s, run, it):
 
 # A checkpoint every --ckpt-every iterations, the last --keep kept; returns its path.
 def checkpoint(s, run, it, nan_total, last_ckpt):
-    state = dict(snapshot_state(s, it), nan_total=nan_total,
+    state = dict(snapshot_state(s, it), nan_total=nan_total, world_size=s.world, batch_gpu=s.batch_gpu,
         fake_score=unwrap_net(s.fake_score).state_dict(), head=s.head.state_dict(),
-        opt_g=s.opt_g.state_dict(), opt_c=s.opt_c.state_dict(), ratio_means=s.ratio_norm.running)
+        opt_g=s.opt_g.state_dict(), opt_c=s.opt_c.state_dict(), **ratio_means_to_save(s.ratio_norm.running))
     try:
         run.save_checkpoint(state, s.opts.keep)
     except FloatingPointError as err:
@@ -375,9 +375,10 @@ def real_sample_loader(s, start):
 # Returns (first iteration, non-finite steps so far, last checkpoint).
 def restore(s, run, resumed):
     opts = s.opts
-    path, state = resumed if resumed is not None else rundir.start_state(opts, run)
+    path, state, kind = resumed if resumed is not None else rundir.start_state(opts, run, (s.world, s.batch_gpu))
     start, nan_total, last_ckpt = 0, 0, None
-    if opts.resume and state is not None:
+    if kind == 'resume':
+        check_networks(path, state, s, 'generator')
         load_networks(state, s.generator, s.fake_score, s.head)
         s.opt_g.load_state_dict(state['opt_g'])
         s.opt_c.load_state_dict(state['opt_c'])
@@ -385,31 +386,63 @@ def restore(s, run, resumed):
             unwrap_net(s.ema).load_state_dict(state['generator_ema'])
         start, nan_total, last_ckpt = state['iteration'], state['nan_total'], path
         if s.ratio_norm.running is not None and state.get('ratio_means') is not None:
-            s.ratio_norm.running.copy_(state['ratio_means'])
+            s.ratio_norm.running.copy_(ratio_means_from(state))
         run.log(f'Resumed from {path} at iteration {start}')
     elif opts.resume:
         run.log(f'No checkpoint in {opts.outdir} yet: the run starts over from iteration 0')
     if opts.resume:
         run.truncate_stats(start)
-    elif state is not None:
-        load_networks(state, s.generator, s.fake_score, s.head)
-        if s.ema is not None:
-            unwrap_net(s.ema).load_state_dict(state['generator'])
-        run.log(f'Warm start from {path} (iteration {state["iteration"]} of that run'
-                + ('' if 'fake_score' in state else '; a snapshot: fake score and head start as in a new run') + ')')
+    if kind == 'init':
+        warm_start(s, run, path, state)
     if not opts.benchmark:
         run.remove_partial_files()
     return start, nan_total, last_ckpt
+
+# --init-from: the networks of another run. Its generator is the EMA when the file has one (the weights evaluate.py
+# scores, and fid --snapshots ranks), unless --init-from-weights raw; the new run's EMA starts from it too.
+def warm_start(s, run, path, state):
+    key = 'generator_ema' if s.opts.init_from_weights == 'ema' and state.get('generator_ema') is not None else 'generator'
+    check_networks(path, state, s, key)
+    load_networks(state, s.generator, s.fake_score, s.head, key)
+    if s.ema is not None:
+        unwrap_net(s.ema).load_state_dict(state[key])
+    run.log(f'Warm start from {path} (iteration {state["iteration"]} of that run; generator: its '
+            + ('EMA' if key == 'generator_ema' else 'raw weights') + ', --init-from-weights chooses'
+            + ('' if 'fake_score' in state else '; a snapshot: fake score and head start as in a new run') + ')')
 
 # Checkpoints hold the denoiser inside each wrapper (e.g. OneStepGenerator.net), as evaluate.py rebuilds it.
 def unwrap_net(module):
     return getattr(module, 'net', module)
 
-def load_networks(state, generator, fake_score, head):
-    unwrap_net(generator).load_state_dict(state['generator'])
+def load_networks(state, generator, fake_score, head, key='generator'):
+    unwrap_net(generator).load_state_dict(state[key])
     if 'fake_score' in state:                   # a snapshot holds the generator only
         unwrap_net(fake_score).load_state_dict(state['fake_score'])
         head.load_state_dict(state['head'])
+
+# A checkpoint of another architecture or resolution is one line naming the file and the first difference,
+# before load_state_dict would raise its page of missing keys and sizes.
+def check_networks(path, state, s, key):
+    nets = [(key, s.generator)] + ([('fake_score', s.fake_score), ('head', s.head)] if 'fake_score' in state else [])
+    for name, net in nets:
+        own, theirs = unwrap_net(net).state_dict(), state[name]
+        for k in list(own) + [k for k in theirs if k not in own]:
+            diff = (f'{k} is missing' if k not in theirs else f'{k} is not in this run\'s network' if k not in own else
+                    f'{k} has shape {list(theirs[k].shape)}, this run\'s {list(own[k].shape)}' if theirs[k].shape != own[k].shape else None)
+            if diff is not None:
+                raise ValueError(f'{path} holds another architecture or resolution than this run (its {name}: {diff}); '
+                                 'pass a checkpoint of the same --teacher and --resolution')
+
+# The running stage-1 bin means (--ratio-ema) are saved as means and a mask of the bins seen so far: a bin not yet
+# reached has no mean, which the NaN of fdistill.normalize_ratio says in memory, and a checkpoint never holds a NaN.
+def ratio_means_to_save(running):
+    if running is None:
+        return dict(ratio_means=None)
+    seen = ~torch.isnan(running)
+    return dict(ratio_means=torch.where(seen, running, 0.0), ratio_seen=seen)
+
+def ratio_means_from(state):
+    return torch.where(state['ratio_seen'], state['ratio_means'], float('nan'))
 
 #----------------------------------------------------------------------------
 # A script's whole run: processes, precision, the task's networks and data, the loop.
@@ -417,8 +450,10 @@ def load_networks(state, generator, fake_score, head):
 def main(opts, build_task):
     rank, world, device = distributed.init_distributed()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = opts.precision != 'fp32'
-    batch_split(opts, world)
-    resumed = rundir.start_state(opts, rundir.Run(opts.outdir, rank))
+    batch_gpu, _ = batch_split(opts, world)
+    distributed.on_rank0(lambda: rundir.claim(opts.outdir))    # one run per directory, claimed before anything is written
+    opts.teacher_sha256 = distributed.broadcast(rundir.teacher_digest(opts) if rank == 0 and not opts.benchmark else None)
+    resumed = rundir.start_state(opts, rundir.Run(opts.outdir, rank), (world, batch_gpu))
     distributed.barrier()                       # every rank has checked --outdir before rank 0 writes to it
     torch.manual_seed(opts.seed)                # The head's initial weights.
     task = build_task(opts, device, rank, world)

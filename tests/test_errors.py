@@ -42,7 +42,10 @@ BAD_FLAGS = [(['--keep', '-1'], '--keep: must be a positive integer, got -1'),
              (['--lr', 'inf'], '--lr: must be a finite number >= 0, got inf'),
              (['--lr', 'nan'], '--lr: must be a finite number >= 0, got nan'),
              (['--r-max', 'inf'], '--r-min must lie in (0, 1) and --r-max above 1'),
-             (['--disc-res', '8,x'], '--disc-res 8,x: expected resolutions separated by commas')]
+             (['--disc-res', '8,x'], '--disc-res 8,x: expected resolutions separated by commas'),
+             (['--sigma-init', '0'], '--sigma-init: must be a finite number > 0, got 0'),
+             (['--ratio-ema', '1'], '--ratio-ema 1.0: the decay must lie in [0, 1)'),
+             (['--ratio-ema', '1.5'], '--ratio-ema 1.5: the decay must lie in [0, 1)')]
 
 @pytest.mark.parametrize('args,expect', BAD_FLAGS, ids=[a[0] for a, _ in BAD_FLAGS])
 def test_zero_negative_or_non_finite_flags_are_errors(args, expect, capsys):
