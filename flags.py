@@ -61,6 +61,7 @@ def parse_args(description, preset, add_task_args=None, argv=None):
     p.add_argument('--workers',         default=2,                  type=non_negative_int, help='DataLoader processes per GPU reading real samples ahead of the loop; 0 = in the loop')
     p.add_argument('--max-nan',         default=20,                 type=positive_int, help='Stop after this many non-finite losses in a row')
     p.add_argument('--benchmark',       default=0,                  type=int,   help='Time this many steps of each kind, write benchmark.json, exit')
+    p.add_argument('--peak-tflops',     default=None,               type=non_negative_float, help='With --benchmark: the GPU\'s dense peak TFLOP/s at --precision, for model FLOPs utilisation where benchmark.PEAK_TFLOPS does not know the device')
     p.add_argument('--plan',            action='store_true',        help='Print each step\'s peak GPU memory, FLOPs and the largest --batch-gpu that fits, without a GPU or weights (plan.py), exit')
     p.add_argument('--gpus',            default=8,                  type=positive_int, help='With --plan: the number of GPUs the run will use')
     p.add_argument('--gpu-mem',         default=80.0,               type=non_negative_float, help='With --plan: memory of each GPU in GB (10^9 bytes, as sold)')

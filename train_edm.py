@@ -173,6 +173,6 @@ def main(description, preset, argv=None):
     with flags.user_errors(os.path.basename(sys.argv[0])):
         opts = flags.parse_args(description, preset, add_edm_args, argv)
         opts.random_teacher |= opts.plan            # --plan: the released architecture, no weights or data
-        training_loop.main(opts, lambda opts, device, rank, world: build_task(opts, preset, device, rank, world))
+        return training_loop.main(opts, lambda opts, device, rank, world: build_task(opts, preset, device, rank, world))
 
 #----------------------------------------------------------------------------

@@ -48,6 +48,7 @@ def add_t2i_args(p):
     p.add_argument('--cfg',             default=1.75, type=float,   help='Classifier-free guidance of the teacher denoiser (Table 5)')
     p.add_argument('--resolution',      default=512, type=flags.positive_int, help='Image resolution; latents are resolution / 8')
     p.add_argument('--grad-ckpt',       default=True, action=argparse.BooleanOptionalAction, help='Gradient checkpointing in all three UNets; the preset\'s 128 per GPU needs it on 80 GB GPUs')
+    p.add_argument('--random-teacher',  action='store_true',        help='Benchmark only: SD v1.5\'s architecture with random weights, no data')
     p.add_argument('--encode-batch',    default=16, type=flags.positive_int, help='Images per VAE call when caching latents')
 
 #----------------------------------------------------------------------------
@@ -135,8 +136,10 @@ class Generator(torch.nn.Module):
         return self.net(z, ctx)
 
 def build_task(opts, device, rank, world):
-    if opts.plan:                               # --plan: SD v1.5's architecture, no weights, no data
-        sd = random_sd()
+    if opts.plan or opts.random_teacher:        # SD v1.5's architecture, random weights, no data
+        if not (opts.plan or opts.benchmark):
+            raise ValueError('--random-teacher is for --benchmark only')
+        sd = random_sd(device)
         return sd_task(opts, sd, [('', '')] * 2, np.zeros((2, sd['vae'].config.latent_channels) + (latent_resolution(opts, sd),) * 2), device)
     if opts.sd is None:
         raise ValueError('--sd is required: a local diffusers-format SD v1.5 folder')
@@ -181,14 +184,16 @@ def sd_task(opts, sd, pairs, latents, device):
 
 # SD v1.5's UNet, VAE and CLIP text encoder as released (stable-diffusion-v1-5's config.json files), with random
 # weights; --plan builds them on fake tensors. Prompts all read as empty: only their shape matters there.
-def random_sd():
+def random_sd(device):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4,
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act='quick_gelu', projection_dim=768))
-    return dict(unet=sd_unet.SDUNet(), vae=vae.eval().requires_grad_(False), text_encoder=text_encoder.eval().requires_grad_(False),
+    with torch.device(device):
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4,
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, hidden_act='quick_gelu', projection_dim=768))
+        unet = sd_unet.SDUNet()
+    return dict(unet=unet, vae=vae.eval().requires_grad_(False), text_encoder=text_encoder.eval().requires_grad_(False),
         tokenizer=EmptyPrompts(), unet_config={})
 
 class EmptyPrompts:                             # CLIPTokenizer's call as encode_prompts makes it, every prompt empty
