@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import distributed
 import fdistill
+import memory_plan
 
 #----------------------------------------------------------------------------
 # Seconds spent in each part, while `on`.
@@ -84,9 +85,10 @@ def peak_tflops(device, precision, given=None):
     return next((peaks[precision] for key, peaks in PEAK_TFLOPS if key in name), None)
 
 # FLOPs of one step as FlopCounterMode counts them, in a step of its own: the mode keeps checkpointed blocks'
-# recomputed tensors alive until it exits, which the timed steps and their memory must not see.
+# recomputed tensors alive until it exits, which the timed steps and their memory must not see. Its module tracker
+# cannot hook exact R1's leaf input (memory_plan.leaf_inputs_unhooked).
 def count_flops(step, *args):
-    with FlopCounterMode(display=False) as counter:
+    with memory_plan.leaf_inputs_unhooked(), FlopCounterMode(display=False) as counter:
         step(*args)
     return counter.get_total_flops()
 
