@@ -3,7 +3,9 @@
 The training loop's steps run as they are; the timing is attached from outside. Forward hooks on the generator,
 fake score and head and a timed stand-in for the teacher time the network passes, optimiser hooks time AdamW's
 step, each with the device synchronised around it; the backward part is the rest of the step (the backward
-passes, gradient clipping, the loss arithmetic). Writes benchmark.json into the run directory.
+passes, gradient clipping, the loss arithmetic). FLOPs per step are torch.utils.flop_counter's count of one
+untimed step of each kind (recomputation of checkpointed blocks included); on CUDA, model FLOPs utilisation is
+their rate over the device's dense peak. Writes benchmark.json into the run directory.
 """
 
 import collections
@@ -13,9 +15,11 @@ import time
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import distributed
 import fdistill
+import memory_plan
 
 #----------------------------------------------------------------------------
 # Seconds spent in each part, while `on`.
@@ -61,6 +65,34 @@ class Parts:
         return dict(sorted(parts.items()))
 
 #----------------------------------------------------------------------------
+# FLOPs and utilisation.
+
+# Dense tensor-core peaks in TFLOP/s by --precision, from NVIDIA's datasheets (their sparse figures halved), matched
+# in this order against torch.cuda.get_device_name(); fp32 is the plain (non-tensor-core) rate. H200 = H100 SXM's.
+PEAK_TFLOPS = [
+    ('H100 PCIe',   dict(bf16=756.0, tf32=378.0, fp32=51.0)),
+    ('H100',        dict(bf16=989.4, tf32=494.7, fp32=66.9)),
+    ('H200',        dict(bf16=989.4, tf32=494.7, fp32=66.9)),
+    ('A100',        dict(bf16=312.0, tf32=156.0, fp32=19.5)),
+]
+
+def peak_tflops(device, precision, given=None):
+    if device.type != 'cuda':
+        return None
+    if given:
+        return given
+    name = torch.cuda.get_device_name(device)
+    return next((peaks[precision] for key, peaks in PEAK_TFLOPS if key in name), None)
+
+# FLOPs of one step as FlopCounterMode counts them, in a step of its own: the mode keeps checkpointed blocks'
+# recomputed tensors alive until it exits, which the timed steps and their memory must not see. Its module tracker
+# cannot hook exact R1's leaf input (memory_plan.leaf_inputs_unhooked).
+def count_flops(step, *args):
+    with memory_plan.leaf_inputs_unhooked(), FlopCounterMode(display=False) as counter:
+        step(*args)
+    return counter.get_total_flops()
+
+#----------------------------------------------------------------------------
 # Seconds per generator step (f-distill and reverse-KL on the same model) and per critic step, each
 # split into its parts, and peak memory. The ratio of the two generator steps is the price of the
 # weighting: logits are computed anyway. f and reverse-KL steps alternate and medians are reported, so
@@ -90,6 +122,7 @@ def benchmark(s, run, draw, generator_step, critic_step):
     div_f, div_rkl = fdistill.divergence(opts.f), fdistill.divergence('rkl')
     n, gamma, result = opts.benchmark, opts.r1_gamma, {}
     generator_step(s, draw(s, 0, True), div_f), generator_step(s, draw(s, 0, True), div_rkl)    # Warm-up.
+    flops_g, flops_c = count_flops(generator_step, s, draw(s, 0, True), div_f), count_flops(critic_step, s, draw(s, 1, False))
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     parts.on = True
@@ -117,10 +150,14 @@ def benchmark(s, run, draw, generator_step, critic_step):
         h.remove()
     t_f, t_rkl, t_c = np.median(t_f), np.median(t_rkl), np.median(t_c)
     t_it = (t_f + (opts.tau - 1) * t_c) / opts.tau
+    flops_it = (flops_g + (opts.tau - 1) * flops_c) / opts.tau                              # this process's, per iteration
+    peak = peak_tflops(device, opts.precision, opts.peak_tflops)
     result = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu', world_size=s.world,
                   batch=opts.batch, precision=opts.precision, f=opts.f, steps=opts.benchmark, sec_generator_step=t_f,
                   sec_generator_step_rkl=t_rkl, sec_critic_step=t_c, ratio_f_over_rkl=t_f / t_rkl,
-                  images_per_sec=opts.batch / t_it, memory_gb=distributed.memory_gb(device), **result)
+                  images_per_sec=opts.batch / t_it, memory_gb=distributed.memory_gb(device),
+                  flops_generator_step=flops_g, flops_critic_step=flops_c, peak_tflops=peak,
+                  mfu=flops_it / t_it / (peak * 1e12) if peak else None, **result)
     run.write_json('benchmark.json', result)
     run.log(json.dumps(result))
     return result

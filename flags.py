@@ -62,6 +62,10 @@ def parse_args(description, preset, add_task_args=None, argv=None):
     p.add_argument('--workers',         default=2,                  type=non_negative_int, help='DataLoader processes per GPU reading real samples ahead of the loop; 0 = in the loop')
     p.add_argument('--max-nan',         default=20,                 type=positive_int, help='Stop after this many non-finite losses in a row')
     p.add_argument('--benchmark',       default=0,                  type=int,   help='Time this many steps of each kind, write benchmark.json, exit')
+    p.add_argument('--peak-tflops',     default=None,               type=non_negative_float, help='With --benchmark: the GPU\'s dense peak TFLOP/s at --precision, for model FLOPs utilisation where benchmark.PEAK_TFLOPS does not know the device')
+    p.add_argument('--plan',            action='store_true',        help='Print each step\'s peak GPU memory, FLOPs and the largest --batch-gpu that fits, without a GPU or weights (plan.py), exit')
+    p.add_argument('--gpus',            default=8,                  type=positive_int, help='With --plan: the number of GPUs the run will use')
+    p.add_argument('--gpu-mem',         default=80.0,               type=non_negative_float, help='With --plan: memory of each GPU in GB (10^9 bytes, as sold)')
     if add_task_args is not None:
         add_task_args(p)
     opts = p.parse_args(argv)
@@ -82,8 +86,8 @@ def parse_args(description, preset, add_task_args=None, argv=None):
     if opts.benchmark < 0:
         p.error(f'--benchmark {opts.benchmark}: the number of timed steps cannot be negative')
     if opts.precision is None:
-        opts.precision = preset.get('precision', 'fp32') if torch.cuda.is_available() else 'fp32'
-    if opts.precision == 'tf32' and not torch.cuda.is_available() and int(os.environ.get('RANK', 0)) == 0:
+        opts.precision = preset.get('precision', 'fp32') if torch.cuda.is_available() or opts.plan else 'fp32'
+    if opts.precision == 'tf32' and not torch.cuda.is_available() and not opts.plan and int(os.environ.get('RANK', 0)) == 0:
         print(f'{p.prog}: --precision tf32 on a CPU means fp32 (TF32 is a CUDA tensor-core format)', file=sys.stderr, flush=True)
     return opts
 

@@ -23,10 +23,13 @@ blocks that do not fit the next request), and anything the step function itself 
 import contextlib
 import functools
 import math
+import weakref
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.distributed._tools.mod_tracker
+import torch.utils.module_tracker
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._pytree import tree_map_only
@@ -38,8 +41,21 @@ TRACKER_NAMES = dict(Parameter='parameters', Buffer='buffers', Gradient='gradien
 #----------------------------------------------------------------------------
 # Fake tensors and CUDA's autocast policy on the CPU.
 
-def fake_tensors():
-    return FakeTensorMode()
+# A number read off a fake tensor (loss.item(), bool(torch.isfinite(loss))) has no value to read: it reads as 1,
+# so a planned step sees finite losses and takes its optimiser step. copy.deepcopy of a network (the EMA) copies
+# each fake tensor's attributes, its mode among them: the copies must stay in this one mode.
+class FakeTensors(FakeTensorMode):
+    def __deepcopy__(self, memo):
+        return self
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            dtype = args[0].dtype
+            return 1.0 if dtype.is_floating_point else True if dtype == torch.bool else 1
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+def fake_tensors():                             # Real constants (a noise schedule) may meet fake tensors.
+    return FakeTensors(allow_non_fake_inputs=True)
 
 # CUDA's autocast runs these in fp32 (aten/src/ATen/autocast_mode.cpp, its fp32 list); CPU's autocast leaves
 # them in bf16, which would halve the normalisations' outputs that the next layer saves.
@@ -72,12 +88,61 @@ def cuda_autocast_policy():
         for owner, name, op in originals:
             setattr(owner, name, op)
 
+# Both module trackers (MemTracker's and FlopCounterMode's) hook the gradients reaching each module's inputs, which
+# torch.autograd.grad refuses for a leaf input (exact R1's noised reals): leaf inputs go unhooked, which only
+# blurs when the tracker thinks that module's backward ends.
+@contextlib.contextmanager
+def leaf_inputs_unhooked():
+    trackers = [torch.distributed._tools.mod_tracker, torch.utils.module_tracker]
+    register = torch.autograd.graph.register_multi_grad_hook
+    def hook_non_leaves(tensors, fn, **kwargs):
+        tensors = [t for t in tensors if not t.is_leaf]
+        return register(tensors, fn, **kwargs) if tensors else NoHook()
+    try:
+        for module in trackers:
+            module.register_multi_grad_hook = hook_non_leaves
+        yield
+    finally:
+        for module in trackers:
+            module.register_multi_grad_hook = register
+
 #----------------------------------------------------------------------------
 # One step's peak memory by category, and its FLOPs.
 
 # MemTracker also keeps every module's own peak, a loop over all modules after every operation: minutes for
 # SD's UNet. The plan needs the whole step's peak only, which this keeps as MemTracker does.
+# It also hooks the gradient of every parameter of every module it sees run, which frozen parameters (the
+# teacher's, the head's in a generator step) refuse: those get no hook, as they get no gradient.
+class NoHook:
+    def remove(self):
+        pass
+
 class StepTracker(MemTracker):
+    # Per-module statistics go (a network called twice in a step, as the teacher is, would be refused); kept are
+    # the parameters' first sight and the recomputation region of checkpointed blocks (_in_ac).
+    def _pre_fw_hook(self, module, inputs):
+        if module not in self.memory_tracking:
+            self.memory_tracking[module] = None
+            self._track_module_params_and_buffers(module, install_grad_hooks=True)
+        elif self._mod_tracker.is_bw and self._ac_mod is None:
+            self._ac_mod, self._in_ac = weakref.ref(module), True
+
+    def _post_fw_hook(self, module, inputs, outputs):
+        if self._mod_tracker.is_bw and self._ac_mod is not None and self._ac_mod() is module:
+            self._ac_mod, self._in_ac = None, False
+
+    def _pre_bw_hook(self, module, args):
+        pass
+
+    def _post_bw_hook(self, module, args):
+        pass
+
+    def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+        for p in module.parameters():
+            if not p.requires_grad:
+                self._param_to_grad_hook_handles.setdefault(p, (NoHook(), NoHook()))
+        return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
     def _update_peak_stats(self, peak_state):
         for device, snapshot in self._curr_mem_snap.items():
             if self._peak_mem.get(device, 0) < snapshot['Total']:
@@ -92,13 +157,16 @@ class StepPlan(NamedTuple):
 # `step()` runs one training step (forward, backward, optimiser step) on `modules` with `optimizers`, all built
 # inside fake_tensors(); call this inside that same mode. The step runs twice: once so that the optimisers
 # create their states, then measured, as every step after the first is. Where the step enters
-# torch.autocast('cpu', dtype=torch.bfloat16), it gets CUDA's bf16 autocast.
+# torch.autocast('cpu', dtype=torch.bfloat16), it gets CUDA's bf16 autocast. The FLOPs are counted in the first
+# run, the memory in the second: FlopCounterMode's module tracker hooks the tensors that checkpointed blocks
+# recompute in the backward pass and keeps them alive until the mode exits (4.9 GiB of SD's UNet at batch 4).
 def plan_step(step, modules, optimizers):
-    with cuda_autocast_policy():
-        step()
-        tracker, flops = StepTracker(), FlopCounterMode(display=False)
+    with cuda_autocast_policy(), leaf_inputs_unhooked():
+        with FlopCounterMode(display=False) as flops:
+            step()
+        tracker = StepTracker()
         tracker.track_external(*modules, *optimizers)
-        with tracker, flops:
+        with tracker:
             step()
     snapshot = tracker.get_tracker_snapshot('peak')
     peak = dict.fromkeys(CATEGORIES, 0)

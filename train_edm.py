@@ -41,7 +41,7 @@ def add_edm_args(p):
 
 def load_teacher(opts, preset):
     if opts.random_teacher:
-        if not opts.benchmark:
+        if not (opts.benchmark or opts.plan):
             raise ValueError('--random-teacher is for --benchmark only')
         teacher = edm_nets.EDMPrecond(**preset['teacher_kwargs'])
     else:
@@ -172,6 +172,7 @@ def regression_loss(opts, teacher, cond, shape, device, rank, world):
 def main(description, preset, argv=None):
     with flags.user_errors(os.path.basename(sys.argv[0])):
         opts = flags.parse_args(description, preset, add_edm_args, argv)
-        training_loop.main(opts, lambda opts, device, rank, world: build_task(opts, preset, device, rank, world))
+        opts.random_teacher |= opts.plan            # --plan: the released architecture, no weights or data
+        return training_loop.main(opts, lambda opts, device, rank, world: build_task(opts, preset, device, rank, world))
 
 #----------------------------------------------------------------------------

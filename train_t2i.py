@@ -49,6 +49,7 @@ def add_t2i_args(p):
     p.add_argument('--cfg',             default=1.75, type=float,   help='Classifier-free guidance of the teacher denoiser (Table 5)')
     p.add_argument('--resolution',      default=512, type=flags.positive_int, help='Image resolution; latents are resolution / 8')
     p.add_argument('--grad-ckpt',       default=True, action=argparse.BooleanOptionalAction, help='Gradient checkpointing in all three UNets; the preset\'s 128 per GPU needs it on 80 GB GPUs')
+    p.add_argument('--random-teacher',  action='store_true',        help='Benchmark only: SD v1.5\'s architecture with random weights, no data')
     p.add_argument('--encode-batch',    default=16, type=flags.positive_int, help='Images per VAE call when caching latents')
 
 #----------------------------------------------------------------------------
@@ -137,18 +138,29 @@ class Generator(torch.nn.Module):
         return self.net(z, ctx)
 
 def build_task(opts, device, rank, world):
+    if opts.plan or opts.random_teacher:        # SD v1.5's architecture, random weights, no data
+        if not (opts.plan or opts.benchmark):
+            raise ValueError('--random-teacher is for --benchmark only')
+        sd = random_sd(device)
+        return sd_task(opts, sd, [('', '')] * 2, np.zeros((2, sd['vae'].config.latent_channels) + (latent_resolution(opts, sd),) * 2), device)
     if opts.sd is None:
         raise ValueError('--sd is required: a local diffusers-format SD v1.5 folder')
     pairs = read_pairs(opts.data)
     sd = sd_unet.load_sd(opts.sd, device)
+    latent_res = latent_resolution(opts, sd)
+    latents = cached_latents(opts, pairs, sd['vae'], (sd['vae'].config.latent_channels, latent_res, latent_res), device, rank, world)
+    return sd_task(opts, sd, pairs, latents, device)
+
+def latent_resolution(opts, sd):
+    return opts.resolution // 2 ** (len(sd['vae'].config.block_out_channels) - 1)               # 512 -> 64 for SD v1.5
+
+def sd_task(opts, sd, pairs, latents, device):
     channels = sd['unet_config'].get('block_out_channels', (320, 640, 1280, 1280))
-    latent_res = opts.resolution // 2 ** (len(sd['vae'].config.block_out_channels) - 1)       # 512 -> 64 for SD v1.5
-    mid_res = latent_res // 2 ** (len(channels) - 1)                                          # 64 -> 8
+    mid_res = latent_resolution(opts, sd) // 2 ** (len(channels) - 1)                          # 64 -> 8
     if opts.disc_res != [mid_res]:
         raise ValueError(f'--disc-res {opts.disc_res[0]}: the discriminator reads the mid block, {mid_res}x{mid_res} at --resolution {opts.resolution}')
     teacher_unet = sd['unet'].eval().requires_grad_(False)
     teacher_unet.gradient_checkpointing = opts.grad_ckpt
-    latents = cached_latents(opts, pairs, sd['vae'], (sd['vae'].config.latent_channels, latent_res, latent_res), device, rank, world)
     uncond = sd_unet.encode_prompts(sd['tokenizer'], sd['text_encoder'], [''])
     generator = Generator(trainable_copy(teacher_unet, opts.grad_ckpt))
     fake_score = Denoiser(trainable_copy(teacher_unet, opts.grad_ckpt))
@@ -169,8 +181,28 @@ def build_task(opts, device, rank, world):
         teacher=teacher, cond=cond, num_real=len(pairs), z_shape=tuple(latents.shape[1:]),
         real=lambda indices: torch.from_numpy(np.stack([latents[i] for i in indices])).float(),          # on the CPU: DataLoader workers
         to_images=to_images, sigma_levels=sd_unet.SIGMAS.float(), dsm_weight=fdistill.eps_weight,     # the fake score's DSM in SD's eps-MSE (DMD2)
-        meta=dict(sd=os.path.abspath(opts.sd), unet_config=sd['unet_config'], head_kwargs=head_kwargs, cfg=opts.cfg),
+        meta=dict(sd=os.path.abspath(opts.sd or ''), unet_config=sd['unet_config'], head_kwargs=head_kwargs, cfg=opts.cfg),
         captions=lambda indices: [pairs[i][1] for i in indices])
+
+# SD v1.5's UNet, VAE and CLIP text encoder as released (stable-diffusion-v1-5's config.json files), with random
+# weights; --plan builds them on fake tensors. Prompts all read as empty: only their shape matters there.
+def random_sd(device):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+    with torch.device(device):
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4,
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, hidden_act='quick_gelu', projection_dim=768))
+        unet = sd_unet.SDUNet()
+    return dict(unet=unet, vae=vae.eval().requires_grad_(False), text_encoder=text_encoder.eval().requires_grad_(False),
+        tokenizer=EmptyPrompts(), unet_config={})
+
+class EmptyPrompts:                             # CLIPTokenizer's call as encode_prompts makes it, every prompt empty
+    model_max_length = 77
+
+    def __call__(self, prompts, max_length, return_tensors, **kwargs):
+        return argparse.Namespace(input_ids=torch.zeros(len(prompts), max_length, dtype=torch.long))
 
 # The prompts' CLIP context, every round: under bf16 autocast with --precision bf16 as the UNets run (fp32 otherwise).
 def text_context(sd, prompts, device, precision):

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import benchmark
 import distributed
 import fdistill
+import plan
 import rundir
 
 #----------------------------------------------------------------------------
@@ -448,6 +449,8 @@ def ratio_means_from(state):
 # A script's whole run: processes, precision, the task's networks and data, the loop.
 
 def main(opts, build_task):
+    if opts.plan:
+        return plan.main(opts, build_task)
     rank, world, device = distributed.init_distributed()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = opts.precision != 'fp32'
     batch_gpu, _ = batch_split(opts, world)

@@ -79,3 +79,33 @@ def test_ddp_bucket_bytes():
     assert memory_plan.ddp_bucket_bytes([net], world=8) == 4 * 55
     assert memory_plan.ddp_bucket_bytes([net], world=8, gradient_as_bucket_view=True) == 0
     assert memory_plan.ddp_bucket_bytes([net], world=1) == 0
+
+# SD's gradient checkpointing, planned: the same step on fake tensors and on real CPU tensors (MemTracker following
+# real storages) peaks at the same bytes, category by category (the fake tensors have the real ones' shapes, dtypes
+# and lifetimes: exact); and checkpointing cuts the activations alive at the peak. Before the FLOPs moved to the
+# warm-up run, FlopCounterMode kept every recomputed block alive until the step's end and checkpointing "saved nothing".
+def sd_step(grad_ckpt, batch=4):
+    from test_sd_unet import TINY
+    import sd_unet
+    torch.manual_seed(0)
+    unet = sd_unet.SDUNet(**dict(TINY, sample_size=16))
+    unet.gradient_checkpointing = grad_ckpt
+    opt = torch.optim.AdamW(unet.parameters(), foreach=False)
+    def step():
+        x, ctx = torch.randn(batch, 4, 16, 16), torch.randn(batch, 77, TINY['cross_attention_dim'])
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            loss = unet(x, torch.full([batch], 500), ctx).float().square().mean()
+        loss.backward()
+        del loss
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return memory_plan.plan_step(step, [unet], [opt])
+
+def test_sd_checkpointing_planned_as_on_real_tensors():
+    with memory_plan.fake_tensors():
+        fake = sd_step(grad_ckpt=True)
+        plain = sd_step(grad_ckpt=False)
+    real = sd_step(grad_ckpt=True)
+    assert fake.peak == real.peak and fake.flops == real.flops
+    assert fake.peak['activations'] < plain.peak['activations'] / 3    # the blocks' insides are not kept (6.8x fewer bytes here)
+    assert fake.flops > plain.flops                                     # the recomputed forward passes are counted

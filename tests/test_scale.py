@@ -4,10 +4,12 @@ gradient clipping, EMA and generator snapshots with FID per snapshot, the benchm
 import numpy as np
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import edm_nets
 import edm_pickle
 import fdistill
+import memory_plan
 import sd_unet
 from test_edm_nets import inputs, randomize, tiny_adm, tiny_song
 from test_sd_unet import TINY
@@ -206,6 +208,15 @@ def test_clipping_snapshots_fid_per_snapshot_and_warm_start(files, tmp_path, mon
         assert set(bench[f'sec_parts_{kind}']) == {'generator', 'teacher', 'fake_score', 'head', 'backward', 'optimiser'}
         assert all(v > 0 for v in bench[f'sec_parts_{kind}'].values())
     assert sum(bench['sec_parts_critic_step'].values()) <= bench['sec_critic_step'] * 1.5 and 'sec_r1' in bench
+    # Its FLOPs per step are FlopCounterMode's count of the same steps on a state of its own (FLOPs do not depend
+    # on the weights: exact); on a CPU there is no peak to compare with, so no utilisation.
+    s = training_loop.setup(*run_opts(tmp_path / 'flops', '--benchmark', '1'), 0, 1, cpu)
+    for kind, step in (('generator_step', lambda: training_loop.generator_step(s, training_loop.draw(s, 0, True))),
+                       ('critic_step', lambda: training_loop.critic_step(s, training_loop.draw(s, 1, False)))):
+        with memory_plan.leaf_inputs_unhooked(), FlopCounterMode(display=False) as counter:     # exact R1's leaf input
+            step()
+        assert bench[f'flops_{kind}'] == counter.get_total_flops() > 0
+    assert bench['mfu'] is None and bench['peak_tflops'] is None
 
     # Warm start from a snapshot, in bf16 autocast: the generator comes from it, the fake score is the
     # teacher as in a new run, the weights stay fp32.
