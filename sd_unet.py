@@ -351,13 +351,6 @@ def eps_to_x0(x_t, eps, t):
     a, s = sqrt_alphas(t, x_t)
     return (x_t - s * eps) / a
 
-def x0_to_eps(x_t, x0, t):
-    a, s = sqrt_alphas(t, x_t)
-    return (x_t - a * x0) / s
-
-def score_from_eps(eps, t): # grad_{x_t} log p_t(x_t) = -eps / sqrt(1 - abar_t)
-    return -eps / sqrt_alphas(t, eps)[1]
-
 def sigma_to_timestep(sigma):
     # Fractional timestep: log(sigma_t) interpolated linearly between the 1000 trained levels (exact on them),
     # clamped to [0, 999]. Returns float32 [N] for sigma of any shape with N elements.

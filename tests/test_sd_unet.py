@@ -13,7 +13,15 @@ import diffusers
 import transformers
 import sd_unet
 from sd_unet import (SIGMAS, ALPHAS_CUMPROD, SDUNet, SDGenerator, add_noise, cfg_eps, ddim_sample, encode_prompts, eps_to_x0,
-    load_sd, score_from_eps, sd_denoiser, sigma_to_timestep, vae_decode, vae_encode, x0_to_eps)
+    load_sd, sd_denoiser, sigma_to_timestep, sqrt_alphas, vae_decode, vae_encode)
+
+# The inverse of eps_to_x0, and the score of x_t from eps: the relations the schedule tests check.
+def x0_to_eps(x_t, x0, t):
+    a, s = sqrt_alphas(t, x_t)
+    return (x_t - a * x0) / s
+
+def score_from_eps(eps, t): # grad_{x_t} log p_t(x_t) = -eps / sqrt(1 - abar_t)
+    return -eps / sqrt_alphas(t, eps)[1]
 
 # SD v1.5's unet/config.json (the fields that differ from UNet2DConditionModel's defaults).
 SD15 = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
