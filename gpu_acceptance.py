@@ -20,6 +20,7 @@ import tempfile
 import torch
 
 import flags
+import plan
 import train_edm
 import train_imagenet
 import train_t2i
@@ -55,18 +56,18 @@ def attention_kernels(opts, build_task):
 
 def run_case(name, script, extra, steps, outdir):
     common = extra + ['--random-teacher', '--outdir', os.path.join(outdir, name)]
-    plan = training_loop.main(parse(script, common + ['--plan', '--gpus', '1']), build(script))
+    planned_run = plan.main(parse(script, common + ['--plan', '--gpus', '1']), build(script))
     opts = parse(script, common + ['--benchmark', str(steps)])
     training_loop.main(opts, build(script))                    # initialises and closes NCCL (a world of one)
     bench = json.load(open(os.path.join(opts.outdir, 'benchmark.json')))
     memory = {}
     for kind in ('generator_step', 'critic_step'):
-        planned, measured = plan['kinds'][kind]['total'] / 2 ** 30, bench[f'memory_gb_{kind}']
+        planned, measured = planned_run['kinds'][kind]['total'] / 2 ** 30, bench[f'memory_gb_{kind}']
         memory[kind] = dict(measured_gib=measured, planned_gib=planned, planned_over_measured=planned / measured)
     return dict(images_per_sec=bench['images_per_sec'], mfu=bench['mfu'], peak_tflops=bench['peak_tflops'],
                 flops_generator_step=bench['flops_generator_step'], flops_critic_step=bench['flops_critic_step'],
                 memory=memory, within_15_percent=all(abs(m['planned_over_measured'] - 1) <= 0.15 for m in memory.values()),
-                attention_kernels=attention_kernels(opts, build(script)), plan_wall_s=plan['wall_s'], benchmark=bench)
+                attention_kernels=attention_kernels(opts, build(script)), plan_wall_s=planned_run['wall_s'], benchmark=bench)
 
 def free_port():
     with socket.socket() as s:

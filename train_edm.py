@@ -18,6 +18,7 @@ import edm_pickle
 import distributed
 import fdistill
 import flags
+import plan
 import rundir
 import training_loop
 
@@ -173,6 +174,7 @@ def main(description, preset, argv=None):
     with flags.user_errors(os.path.basename(sys.argv[0])):
         opts = flags.parse_args(description, preset, add_edm_args, argv)
         opts.random_teacher |= opts.plan            # --plan: the released architecture, no weights or data
-        return training_loop.main(opts, lambda opts, device, rank, world: build_task(opts, preset, device, rank, world))
+        launch = plan.main if opts.plan else training_loop.main   # --plan: memory and FLOPs on fake tensors, no training
+        return launch(opts, lambda opts, device, rank, world: build_task(opts, preset, device, rank, world))
 
 #----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import dataset
 import distributed
 import fdistill
 import flags
+import plan
 import sd_unet
 import training_loop
 
@@ -218,6 +219,7 @@ def trainable_copy(unet, grad_ckpt):
 
 if __name__ == '__main__':
     with flags.user_errors('train_t2i.py'):
-        training_loop.main(flags.parse_args(__doc__, PRESET, add_t2i_args), build_task)
+        opts = flags.parse_args(__doc__, PRESET, add_t2i_args)
+        (plan.main if opts.plan else training_loop.main)(opts, build_task)   # --plan: memory and FLOPs on fake tensors
 
 #----------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import benchmark
 import distributed
 import fdistill
-import plan
 import rundir
 
 #----------------------------------------------------------------------------
@@ -449,8 +448,6 @@ def ratio_means_from(state):
 # A script's whole run: processes, precision, the task's networks and data, the loop.
 
 def main(opts, build_task):
-    if opts.plan:
-        return plan.main(opts, build_task)
     rank, world, device = distributed.init_distributed()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = opts.precision != 'fp32'
     batch_gpu, _ = batch_split(opts, world)

@@ -1,6 +1,7 @@
 """--plan at Table 5's presets: a CI guard that each fits 8 x 80 GB GPUs with at least 10 % to spare."""
 
 import flags
+import plan
 import train_cifar
 import train_edm
 import train_imagenet
@@ -30,6 +31,6 @@ def test_cifar10_fits(capsys):
 
 def test_sd15_fits_with_gradient_checkpointing(capsys):
     opts = flags.parse_args(train_t2i.__doc__, train_t2i.PRESET, train_t2i.add_t2i_args, ['--plan'])
-    result = training_loop.main(opts, train_t2i.build_task)
+    result = plan.main(opts, train_t2i.build_task)
     assert opts.grad_ckpt and result['precision'] == 'bf16' and result['batch_gpu'] == 128
     check_fits(result, 70, capsys)
