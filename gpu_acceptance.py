@@ -11,6 +11,7 @@ within 15 %), and the attention kernels that ran (CUDA kernel names from torch.p
 """
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -74,6 +75,22 @@ def free_port():
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
 
+# torchrun's variables for a world of one while the cases run, restored after: a caller's later subprocesses
+# (the test suite's) must not inherit them and join a process group on a stale port.
+@contextlib.contextmanager
+def world_of_one(active):
+    saved = {k: os.environ.get(k) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')}
+    if active:
+        os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out',     default='acceptance.json',  help='JSON file written')
@@ -86,9 +103,8 @@ def main(argv=None):
         parse(script, extra + ['--random-teacher', '--benchmark', str(args.steps)])
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit('gpu_acceptance.py: error: needs a CUDA GPU (--dry-run checks the flags without one)')
-    os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()))
     result = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch=torch.__version__, cases={})
-    with tempfile.TemporaryDirectory() as outdir:
+    with tempfile.TemporaryDirectory() as outdir, world_of_one(not args.dry_run):
         for name, script, extra in cases:
             result['cases'][name] = None if args.dry_run else run_case(name, script, extra, args.steps, outdir)
             print(name, json.dumps(result['cases'][name], default=str)[:2000], flush=True)
