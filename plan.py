@@ -45,6 +45,9 @@ class NoRun:                            # The grid's images go nowhere.
 def planned_state(opts, task, rounds):
     s = training_loop.setup(opts, task, rank=0, world=1, device=torch.device('cpu'))
     batch_gpu = opts.batch_gpu or opts.batch // opts.gpus
+    for opt in (s.opt_g, s.opt_c):      # AdamW's implementation on CUDA tensors (fake tensors live on the CPU)
+        for group in opt.param_groups:
+            group['foreach'] = True
     # One round, or two with accumulation: the second round's forward pass runs beside the first's gradients.
     return dataclasses.replace(s, batch_gpu=batch_gpu, slices=[slice(0, batch_gpu)] * min(rounds, 2))
 
