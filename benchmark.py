@@ -59,7 +59,7 @@ class Parts:
 
     # The step's total minus its timed parts: the backward passes and everything between the parts.
     def split(self, total):
-        parts = {k: v for k, v in self.sec.items()}
+        parts = dict(self.sec)
         parts['backward'] = total - sum(parts.values())
         self.sec.clear()
         return dict(sorted(parts.items()))
@@ -116,7 +116,7 @@ def benchmark(s, run, draw, generator_step, critic_step):
 
     def peak_memory(kind):
         if device.type == 'cuda':
-            result[f'memory_gb_{kind}'] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            result[f'memory_gb_{kind}'] = distributed.memory_gb(device)
             torch.cuda.reset_peak_memory_stats(device)
 
     div_f, div_rkl = fdistill.divergence(opts.f), fdistill.divergence('rkl')

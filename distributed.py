@@ -7,6 +7,7 @@ Shared by training (training_loop.py, benchmark.py) and evaluation (evaluate.py)
 import gc
 import os
 import resource
+import socket
 
 import torch
 import torch.distributed as dist
@@ -57,6 +58,12 @@ def broadcast(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+# A free local TCP port for a process group's rendezvous (MASTER_PORT).
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 def get_rank():
     return dist.get_rank() if dist.is_initialized() else 0

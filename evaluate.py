@@ -29,6 +29,7 @@ command line; `plot` and `weights` run read_run.py (reading a run), `export` run
 read back by students.py.
 """
 
+import contextlib
 import io
 import json
 import os
@@ -52,7 +53,7 @@ import sd_unet
 from distributed import gather_rows, get_rank, get_world_size, print0
 from export import cmd_export
 from read_run import cmd_plot, cmd_weights, fid_figure, save_figure
-from students import (TEACHER_HINT, Progress, check_file, check_not_inputs, check_output, class_labels, file_key, is_t2i,
+from students import (TEACHER_HINT, Progress, check_file, check_not_inputs, check_output, class_labels, file_key, generator_weights, is_t2i,
                       latents, load_checkpoint, load_generator, load_teacher, output_errors, rank_batches, sd_folder, snapshots_of,
                       write_file, write_json)
 
@@ -273,22 +274,23 @@ class ImageWriter:
     def add_file(self, name, data):
         if self.zip is None:
             return write_file(os.path.join(self.path, name), lambda f: f.write(data))
-        try:
-            with output_errors(self.path):
-                self.zip.writestr(name, data)
-        except BaseException:
-            self.abort()
-            raise
+        with self.or_abort():
+            self.zip.writestr(name, data)
 
     def close(self):
         if self.zip is not None:
-            try:
-                with output_errors(self.path):
-                    self.zip.close()
-                    os.replace(self.path + '.tmp', self.path)
-            except BaseException:
-                self.abort()
-                raise
+            with self.or_abort():
+                self.zip.close()
+                os.replace(self.path + '.tmp', self.path)
+
+    @contextlib.contextmanager
+    def or_abort(self):             # a failed zip write is one line, and the partial zip goes
+        try:
+            with output_errors(self.path):
+                yield
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self):
         if self.zip is not None:
@@ -381,7 +383,7 @@ def check_sd_folder(folder, from_ckpt):
 
 def load_sd_generator(ckpt, device):
     generator = sd_unet.SDGenerator(sd_unet.SDUNet(**ckpt['unet_config']))
-    generator.load_state_dict(ckpt['generator_ema'] if ckpt.get('generator_ema') is not None else ckpt['generator'])
+    generator.load_state_dict(ckpt[generator_weights(ckpt)])
     return generator.eval().requires_grad_(False).to(device)
 
 # Images of `resolution` pixels come from latents of resolution / 2^(VAE levels - 1) (512 -> 64 for SD v1.5).
@@ -756,7 +758,7 @@ def fid_of_snapshots(args, snapshots, prompts, seeds, detector, reference, devic
             stats = stats_of_seeds(sampler, seeds, detector, args.batch, device, keep_features=False,
                                    label=f'[snapshot {i + 1}/{len(snapshots)}: iteration {ckpt["iteration"]}] ')
             mu, sigma = stats.mu_sigma()
-            weights = 'generator_ema' if ckpt.get('generator_ema') is not None else 'generator'   # what load_generator used
+            weights = generator_weights(ckpt)
             entry = dict(iteration=int(ckpt['iteration']), path=path, file=name, size=stat['size'], mtime_ns=stat['mtime_ns'],
                          weights=weights, fid=frechet_distance(mu, sigma, ref['mu'], ref['sigma']), num_images=len(seeds))
         entries.append(dict(entry, path=path))

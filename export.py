@@ -8,7 +8,7 @@ import os
 
 import sd_unet
 from distributed import print0
-from students import check_not_inputs, check_output, is_t2i, load_checkpoint, load_generator, write_file, write_json
+from students import check_not_inputs, check_output, generator_weights, is_t2i, load_checkpoint, load_generator, write_file, write_json
 
 #----------------------------------------------------------------------------
 # Export: the one-step student in the formats people load elsewhere. An SD student becomes a diffusers
@@ -90,7 +90,7 @@ def check_dest(dest, ckpt, kind):
 def cmd_export(args):
     ckpt = load_checkpoint(args.ckpt)
     check_dest(args.dest, ckpt, 'SD' if is_t2i(ckpt) else 'EDM')
-    weights = 'generator_ema' if ckpt.get('generator_ema') is not None else 'generator'
+    weights = generator_weights(ckpt)
     info = dict(source=ckpt['path'], iteration=ckpt.get('iteration'), weights=weights, f=ckpt.get('options', {}).get('f'))
     if is_t2i(ckpt):
         state = {k[len('unet.'):]: v for k, v in ckpt[weights].items()}        # sd_unet.SDGenerator holds the UNet as 'unet'

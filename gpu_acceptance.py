@@ -14,12 +14,13 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import sys
 import tempfile
+from unittest import mock
 
 import torch
 
+import distributed
 import flags
 import plan
 import train_edm
@@ -70,26 +71,12 @@ def run_case(name, script, extra, steps, outdir):
                 memory=memory, within_15_percent=all(abs(m['planned_over_measured'] - 1) <= 0.15 for m in memory.values()),
                 attention_kernels=attention_kernels(opts, build(script)), plan_wall_s=planned_run['wall_s'], benchmark=bench)
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
 # torchrun's variables for a world of one while the cases run, restored after: a caller's later subprocesses
 # (the test suite's) must not inherit them and join a process group on a stale port.
-@contextlib.contextmanager
 def world_of_one(active):
-    saved = {k: os.environ.get(k) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')}
-    if active:
-        os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()))
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    if not active:
+        return contextlib.nullcontext()
+    return mock.patch.dict(os.environ, RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(distributed.free_port()))
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -190,16 +190,6 @@ def ddp_bucket_bytes(modules, world, gradient_as_bucket_view=False):
 def adamw_state_bytes(modules):
     return sum(2 * p.numel() * p.element_size() for m in modules for p in m.parameters() if p.requires_grad)
 
-# Peak memory is affine in the batch (weights and states fixed, activations proportional): from the peaks at
-# two batches, the largest batch whose peak stays within `budget` bytes (0 if none does).
-def largest_batch(peak_at, budget, batch=(1, 2)):
-    b1, b2 = batch
-    m1, m2 = peak_at(b1), peak_at(b2)
-    per_sample = (m2 - m1) / (b2 - b1)
-    if per_sample <= 0:
-        raise ValueError(f'peak memory does not grow with the batch ({m1} bytes at {b1}, {m2} at {b2})')
-    return max(0, math.floor(b1 + (budget - m1) / per_sample))
-
 GiB = 2 ** 30
 
 #----------------------------------------------------------------------------

@@ -42,9 +42,8 @@ class NoRun:                            # The grid's images go nowhere.
     def save_grid(self, *args, **kwargs):
         pass
 
-def planned_state(opts, task, rounds):
+def planned_state(opts, task, batch_gpu, rounds):
     s = training_loop.setup(opts, task, rank=0, world=1, device=torch.device('cpu'))
-    batch_gpu = opts.batch_gpu or opts.batch // opts.gpus
     for opt in (s.opt_g, s.opt_c):      # AdamW's implementation on CUDA tensors (fake tensors live on the CPU)
         for group in opt.param_groups:
             group['foreach'] = True
@@ -69,7 +68,7 @@ def plan(opts, build_task):
     with memory_plan.fake_tensors():
         with modules_stay():
             task = build_task(opts, torch.device('cpu'), 0, 1)
-            s = planned_state(opts, task, rounds)
+            s = planned_state(opts, task, batch_gpu, rounds)
         nets = [s.generator, s.fake_score, s.head]
         tracked = nets + ([s.ema] if s.ema is not None else [])
         buckets = memory_plan.ddp_bucket_bytes(nets, world, GRADIENT_AS_BUCKET_VIEW)

@@ -108,7 +108,8 @@ class Run:
 
     # Full checkpoints (prefix 'checkpoint', the last `keep` kept) and generator snapshots ('snapshot', all kept).
     # Every rank checks, so all stop together; rank 0 writes.
-    # A full disk (or any failed write) ends in one line naming the folder; the partial file goes, earlier files stay.
+    # A full disk (or any failed write) ends in one line naming the folder; atomic_write removes the partial file,
+    # earlier files stay.
     def save_checkpoint(self, state, keep, prefix='checkpoint'):
         bad = non_finite(state)
         if bad is not None:
@@ -117,10 +118,8 @@ class Run:
             return
         path = os.path.join(self.outdir, f'{prefix}-{state["iteration"]:07d}.pt')
         try:
-            save_checkpoint(path, state)
+            write_checkpoint(path, state)                   # checked above
         except OSError as err:
-            if os.path.exists(f'{path}.tmp{os.getpid()}'):
-                os.remove(f'{path}.tmp{os.getpid()}')
             why = 'the disk is full' if err.errno in (errno.ENOSPC, errno.EDQUOT) else err.strerror or type(err).__name__
             raise OSError(f'Cannot write {path}: {why} in {os.path.abspath(self.outdir)}; the earlier checkpoints there are intact: free space, then --resume') from None
         for old in self.checkpoints()[:-keep] if prefix == 'checkpoint' else []:
@@ -193,6 +192,9 @@ def save_checkpoint(path, state):
     bad = non_finite(state)
     if bad is not None:
         raise FloatingPointError(f'Not writing {path}: {bad} is not finite')
+    write_checkpoint(path, state)
+
+def write_checkpoint(path, state):
     state = dict(state, checksum=state_checksum(state))
     atomic_write(path, lambda f: torch.save(state, f))
 

@@ -69,10 +69,14 @@ def class_labels(seeds, label_dim, device):
 # the run kept them) wrapped in the one-step generator G(z) = D(sigma_init z; sigma_init); the teacher comes
 # from an official EDM pickle.
 
+# The weights a checkpoint's student is evaluated and exported with: the EMA if the run kept one.
+def generator_weights(ckpt):
+    return 'generator_ema' if ckpt.get('generator_ema') is not None else 'generator'
+
 def load_generator(ckpt, device):
     import edm_nets
     net = edm_nets.EDMPrecond(**ckpt['generator_kwargs'])
-    net.load_state_dict(ckpt['generator_ema'] if ckpt.get('generator_ema') is not None else ckpt['generator'])
+    net.load_state_dict(ckpt[generator_weights(ckpt)])
     return edm_nets.OneStepGenerator(net, ckpt['sigma_init']).eval().requires_grad_(False).to(device)
 
 TEACHER_HINT = 'pass the EDM .pkl the run was distilled from (e.g. edm-cifar10-32x32-cond-vp.pkl) with --teacher'

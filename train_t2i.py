@@ -157,7 +157,7 @@ def latent_resolution(opts, sd):
 
 def sd_task(opts, sd, pairs, latents, device):
     channels = sd['unet_config'].get('block_out_channels', (320, 640, 1280, 1280))
-    mid_res = latent_resolution(opts, sd) // 2 ** (len(channels) - 1)                          # 64 -> 8
+    mid_res = latents.shape[-1] // 2 ** (len(channels) - 1)                         # 64 -> 8
     if opts.disc_res != [mid_res]:
         raise ValueError(f'--disc-res {opts.disc_res[0]}: the discriminator reads the mid block, {mid_res}x{mid_res} at --resolution {opts.resolution}')
     teacher_unet = sd['unet'].eval().requires_grad_(False)

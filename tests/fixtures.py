@@ -4,7 +4,6 @@ import io
 import json
 import os
 import pickle
-import socket
 import sys
 import types
 import zipfile
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 import edm_nets
+from distributed import free_port
 
 # The source EDM would exec() when loading; ours must never run it.
 HOSTILE_SRC = "raise RuntimeError('module_src was executed')\n"
@@ -78,25 +78,21 @@ def tiny_songunet(label_dim=4, resolution=8, **kwargs):
 
 def write_dataset_zip(path, num=32, resolution=16, channels=3, num_classes=4, seed=0):
     rnd = np.random.RandomState(seed)
-    labels = []
+    images = [rnd.randint(0, 256, (resolution, resolution, channels), dtype=np.uint8) for _ in range(num)]
+    return write_zip(path, images, [i % num_classes for i in range(num)])
+
+def write_zip(path, images, labels=None):       # uint8 HWC images; labels: class indices, or None
+    names = [f'{i // 1000:05d}/img{i:08d}.png' for i in range(len(images))]
     with zipfile.ZipFile(path, 'w') as z:
-        for i in range(num):
-            name = f'{i // 1000:05d}/img{i:08d}.png'
-            image = rnd.randint(0, 256, (resolution, resolution, channels), dtype=np.uint8)
+        for name, image in zip(names, images):
             buf = io.BytesIO()
-            PIL.Image.fromarray(image[:, :, 0] if channels == 1 else image).save(buf, format='PNG')
+            PIL.Image.fromarray(image[:, :, 0] if image.shape[-1] == 1 else image).save(buf, format='PNG')
             z.writestr(name, buf.getvalue())
-            labels.append([name, int(i % num_classes)])
-        z.writestr('dataset.json', json.dumps(dict(labels=labels if num_classes else None)))
+        z.writestr('dataset.json', json.dumps(dict(labels=None if labels is None else [[n, int(l)] for n, l in zip(names, labels)])))
     return path
 
 #----------------------------------------------------------------------------
 # Run helpers for the torchrun tests.
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 def load_checkpoint(outdir, it):
     return torch.load(os.path.join(outdir, f'checkpoint-{it:07d}.pt'), map_location='cpu', weights_only=True)

@@ -2,12 +2,10 @@
 images and written as an official pickle, `train_cifar.py` with only the flags a tiny dataset needs, then
 `evaluate.py fid` and `generate` with a small TorchScript detector."""
 
-import io
 import json
 import os
 import subprocess
 import sys
-import zipfile
 
 import numpy as np
 import PIL.Image
@@ -38,15 +36,6 @@ def shapes(num, seed):
             mask[np.arange(8), (np.arange(8) + a) % 8] = True
         image[mask] = colours[rng.integers(0, len(colours))]
     return images, labels
-
-def write_zip(path, images, labels):
-    with zipfile.ZipFile(path, 'w') as z:
-        names = [f'00000/img{i:08d}.png' for i in range(len(images))]
-        for name, image in zip(names, images):
-            buf = io.BytesIO()
-            PIL.Image.fromarray(image).save(buf, format='PNG')
-            z.writestr(name, buf.getvalue())
-        z.writestr('dataset.json', json.dumps(dict(labels=[[n, int(l)] for n, l in zip(names, labels)])))
 
 # EDM's denoiser loss (Karras et al. 2022, Table 1: ln sigma ~ N(-1.2, 1.2^2), weight (s^2 + sd^2) / (s sd)^2).
 def train_teacher(images, labels, steps, batch=32):
@@ -99,7 +88,7 @@ def test_presets_defaults_learn_and_evaluate_end_to_end(tmp_path):
     import evaluate
     torch.set_num_threads(1)                        # the tiny teacher's steps are faster on one thread than on two
     images, labels = shapes(512, seed=0)
-    write_zip(tmp_path / 'data.zip', images, labels)
+    fixtures.write_zip(tmp_path / 'data.zip', images, labels)
     fixtures.write_edm_pickle(tmp_path / 'teacher.pkl', dict(ema=train_teacher(images, labels, steps=500)))
     torch.jit.script(Detector()).save(str(tmp_path / 'detector.pt'))
     run = tmp_path / 'run'

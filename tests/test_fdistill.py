@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fdistill
+import sd_unet
 
 SIX = ['rkl', 'srkl', 'js', 'hellinger', 'fkl', 'jeffreys']
 f64 = torch.float64
@@ -198,10 +199,10 @@ def test_surrogate_with_unit_h_is_dmd2():
     torch.testing.assert_close(loss, loss_dmd2, rtol=1e-6, atol=0)
     torch.testing.assert_close(grad, grad_dmd2, rtol=1e-5, atol=1e-9)
 
-# Teacher classifier-free guidance (App. D.5) on denoisers is guidance on scores, since D = x + sigma^2 s.
-# (The project guides eps-predictions in sd_unet.cfg_eps; this is the same formula on denoisers.)
+# Teacher classifier-free guidance (App. D.5) on denoisers is guidance on scores, since D = x + sigma^2 s:
+# sd_unet.cfg_eps, the project's guidance (on eps-predictions), is affine, so it guides denoisers alike.
 def cfg_denoiser(D_cond, D_uncond, scale):
-    return D_uncond + scale * (D_cond - D_uncond)
+    return sd_unet.cfg_eps(D_uncond, D_cond, scale)
 
 def test_cfg_denoiser_is_guidance_on_scores():
     gen = torch.Generator().manual_seed(3)
